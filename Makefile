@@ -1,0 +1,69 @@
+# gpt2-book: one Makefile for readers, authors and CI. Everything runs inside .venv.
+#   make book   set up, build the site (executing every chapter), open it
+#   make test   set up, then lint, check the export, unit tests, execute every notebook
+#   make lab    set up, open the chapters in JupyterLab
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+# PyTorch is installed before the package so that pyproject's open `torch>=2.4` is already met
+# and pip never pulls the multi-GB CUDA build onto a CPU-only machine. TORCH_SPEC is the CPU
+# build this project is tested with; TORCH_INDEX is PyTorch's CPU wheel index. For a GPU, install
+# your own torch into .venv first (it is kept), or e.g. `make TORCH_INDEX=.../whl/cu126 book`.
+TORCH_SPEC  ?= torch==2.13.0
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+STAMP := $(VENV)/.installed
+
+.PHONY: install book build open lab test lint export export-check unit notebooks bench clean strip
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+
+$(STAMP): pyproject.toml | $(PY)
+	@$(PY) -c "import torch" 2>/dev/null || \
+	  $(PIP) install --quiet --retries 1 --extra-index-url $(TORCH_INDEX) "$(TORCH_SPEC)"
+	$(PIP) install --quiet -e ".[dev,book,lab]"
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+book: build open
+
+build: $(STAMP)
+	$(VENV)/bin/jupyter-book build --warningiserror --keep-going .
+
+open:
+	@$(PY) -c "import pathlib, webbrowser; p = pathlib.Path('_build/html/index.html').resolve(); \
+	print('The book is at', p.as_uri()); webbrowser.open(p.as_uri())"
+
+lab: $(STAMP)
+	$(VENV)/bin/jupyter lab notebooks/
+
+export: $(STAMP)
+	$(PY) tools/export.py
+
+export-check: $(STAMP)
+	$(PY) tools/export.py --check
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+unit: $(STAMP)
+	$(PY) -m pytest -q tests
+
+notebooks: $(STAMP)
+	$(PY) -m pytest -q --nbmake --nbmake-timeout=900 notebooks/
+
+test: lint export-check unit notebooks
+
+bench: $(STAMP)
+	@for f in benchmarks/*.py; do echo "== $$f"; $(PY) $$f || exit 1; done
+
+clean:
+	rm -rf _build .pytest_cache .ruff_cache
+
+strip: $(STAMP)
+	$(PY) tools/strip_outputs.py notebooks/*.ipynb

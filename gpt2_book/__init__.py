@@ -1,0 +1,7 @@
+"""gpt2_book: GPT-2 built from scratch in PyTorch, one chapter at a time.
+
+The modules are generated from the chapter notebooks in ``notebooks/``; this file only gathers
+the names a reader uses most.
+"""
+
+__version__ = "0.1.0"
