@@ -122,7 +122,7 @@ def render(chapter: Chapter) -> str:
     header = (
         f"{MARKER}{source_name} by tools/export.py.\n"
         "# Do not edit: change the notebook, then run `make export`.\n"
-        f'"""{chapter.title}.\n\nThe code of the chapter `{source_name}`, which explains every line."""\n\n'
+        f'"""{chapter.title}.\n\nThe code of the chapter `{source_name}`, which explains every line.\n"""\n\n'
     )
     target = f"gpt2_book/{chapter.module}.py"
     code = _ruff(header + body, ["check", "--select", "I,F401", "--fix-only", "--quiet"], target)
@@ -135,8 +135,10 @@ def export_all(check: bool) -> int:
     stale = []
     for chapter in chapters:
         if chapter.module in seen:
-            raise SystemExit(f"{chapter.notebook} and {seen[chapter.module]} both export to "
-                             f"'{chapter.module}': give each chapter its own module")
+            raise SystemExit(
+                f"{chapter.notebook} and {seen[chapter.module]} both export to "
+                f"'{chapter.module}': give each chapter its own module"
+            )
         seen[chapter.module] = chapter.notebook
         target = PACKAGE / f"{chapter.module}.py"
         text = render(chapter)
