@@ -122,7 +122,9 @@ def render(chapter: Chapter) -> str:
     header = (
         f"{MARKER}{source_name} by tools/export.py.\n"
         "# Do not edit: change the notebook, then run `make export`.\n"
-        f'"""{chapter.title}.\n\nThe code of the chapter `{source_name}`, which explains every line.\n"""\n\n'
+        f'"""{chapter.title}.\n\n'
+        f"The code of the chapter `{source_name}`, which explains every line.\n"
+        '"""\n\n'
     )
     target = f"gpt2_book/{chapter.module}.py"
     code = _ruff(header + body, ["check", "--select", "I,F401", "--fix-only", "--quiet"], target)
