@@ -23,7 +23,7 @@ $(PY):
 
 $(STAMP): pyproject.toml | $(PY)
 	@$(PY) -c "import torch" 2>/dev/null || \
-	  $(PIP) install --quiet --retries 1 --extra-index-url $(TORCH_INDEX) "$(TORCH_SPEC)"
+	  $(PIP) install --quiet --retries 0 --extra-index-url $(TORCH_INDEX) "$(TORCH_SPEC)"
 	$(PIP) install --quiet -e ".[dev,book,lab]"
 	@touch $(STAMP)
 
