@@ -22,12 +22,17 @@ class RotaryEmbedding(nn.Module):
         head_dim: size ``hs`` of each query/key head; must be even.
         base: frequency base; larger values make the slowest pairs turn more slowly.
         max_seq_len: positions tabulated up front; longer inputs grow the table on demand.
+        scale: positions are multiplied by this before rotating. 1 is plain RoPE; a value
+            below 1, such as train_len / eval_len, squeezes a longer context into the range of
+            angles seen in training ("position interpolation", Chen et al., 2023).
 
     Call: ``rope(x, start_pos=0)`` with ``x`` of shape ``(B, nh, T, hs)`` returns a tensor of the
     same shape and dtype, rotated for positions ``start_pos .. start_pos + T - 1``.
     """
 
-    def __init__(self, head_dim: int, base: float = 10000.0, max_seq_len: int = 2048):
+    def __init__(
+        self, head_dim: int, base: float = 10000.0, max_seq_len: int = 2048, scale: float = 1.0
+    ):
         super().__init__()
         if head_dim <= 0 or head_dim % 2:
             raise ValueError(f"head_dim must be a positive even number (pairs), got {head_dim}")
@@ -35,7 +40,9 @@ class RotaryEmbedding(nn.Module):
             raise ValueError(f"base must be greater than 1, got {base}")
         if max_seq_len <= 0:
             raise ValueError(f"max_seq_len must be positive, got {max_seq_len}")
-        self.head_dim, self.base = head_dim, float(base)
+        if scale <= 0:
+            raise ValueError(f"scale must be positive, got {scale}")
+        self.head_dim, self.base, self.scale = head_dim, float(base), float(scale)
         cos, sin = self._tables(max_seq_len, torch.device("cpu"))
         self.register_buffer("cos", cos, persistent=False)  # (max_seq_len, hs/2)
         self.register_buffer("sin", sin, persistent=False)  # (max_seq_len, hs/2)
@@ -44,7 +51,8 @@ class RotaryEmbedding(nn.Module):
         # float64 keeps the phase m * theta accurate at large m; stored as float32.
         exponents = torch.arange(0, self.head_dim, 2, dtype=torch.float64) / self.head_dim
         theta = self.base**-exponents  # (hs/2,)
-        angles = torch.outer(torch.arange(seq_len, dtype=torch.float64), theta)  # (T, hs/2)
+        positions = torch.arange(seq_len, dtype=torch.float64) * self.scale  # (T,)
+        angles = torch.outer(positions, theta)  # (T, hs/2)
         return angles.cos().float().to(device), angles.sin().float().to(device)
 
     def forward(self, x: Tensor, start_pos: int = 0) -> Tensor:

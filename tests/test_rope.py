@@ -120,3 +120,10 @@ def test_bad_inputs_raise_clear_errors(x):
         rope(x[..., :8])
     with pytest.raises(ValueError, match="start_pos"):
         rope(x, start_pos=-1)
+
+
+def test_scale_interpolates_positions(x):
+    squeezed, plain = RotaryEmbedding(HS, scale=0.25), RotaryEmbedding(HS)
+    assert_close(squeezed(x[..., :1, :], start_pos=40), plain(x[..., :1, :], start_pos=10))
+    with pytest.raises(ValueError, match="scale"):
+        RotaryEmbedding(HS, scale=0.0)
