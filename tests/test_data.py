@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import regex
 import tiktoken_ext.openai_public
 import torch
 
@@ -125,6 +126,13 @@ def test_gpt2_pattern_and_ranks_are_tiktokens_r50k():
     assert data.GPT2_RANKS_SHA256 == (
         "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
     )
+
+
+def test_gpt2_pattern_splits_like_gpt2s_original_encoder(sample):
+    original = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+    tricky = "It's   we'll\n\n  x 1234 !!  \t\n"
+    for text in (sample, tricky):
+        assert regex.findall(data.GPT2_PATTERN, text) == regex.findall(original, text)
 
 
 def test_gpt2_encodes_any_text_and_the_eot_marker():
