@@ -4,4 +4,9 @@ The modules are generated from the chapter notebooks in ``notebooks/``; this fil
 the names a reader uses most.
 """
 
+from gpt2_book.attention import CausalSelfAttention
+from gpt2_book.block import Block
+from gpt2_book.mlp import MLP
+
+__all__ = ["Block", "CausalSelfAttention", "MLP"]
 __version__ = "0.1.0"
