@@ -6,7 +6,8 @@ the names a reader uses most.
 
 from gpt2_book.attention import CausalSelfAttention
 from gpt2_book.block import Block
+from gpt2_book.gpt import GPT, GPTConfig
 from gpt2_book.mlp import MLP
 
-__all__ = ["Block", "CausalSelfAttention", "MLP"]
+__all__ = ["Block", "CausalSelfAttention", "GPT", "GPTConfig", "MLP"]
 __version__ = "0.1.0"

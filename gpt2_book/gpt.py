@@ -48,14 +48,12 @@ class GPTConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
-        if self.head_dim is None:
-            if self.n_embd % self.n_head:
-                raise ValueError(
-                    f"GPTConfig.n_embd={self.n_embd} is not divisible by n_head={self.n_head}: "
-                    "choose n_embd divisible by n_head, or set head_dim explicitly"
-                )
-            self.head_dim = self.n_embd // self.n_head
-        if not isinstance(self.head_dim, int) or self.head_dim <= 0:
+        if self.head_dim is None and self.n_embd % self.n_head:
+            raise ValueError(
+                f"GPTConfig.n_embd={self.n_embd} is not divisible by n_head={self.n_head}: "
+                "choose n_embd divisible by n_head, or set head_dim explicitly"
+            )
+        if self.head_dim is not None and (not isinstance(self.head_dim, int) or self.head_dim < 1):
             raise ValueError(
                 f"GPTConfig.head_dim must be a positive integer, got {self.head_dim!r}"
             )
@@ -63,9 +61,9 @@ class GPTConfig:
             raise ValueError(
                 f"GPTConfig.pos_encoding must be 'rope' or 'learned', got {self.pos_encoding!r}"
             )
-        if self.pos_encoding == "rope" and self.head_dim % 2:
+        if self.pos_encoding == "rope" and self.head_size % 2:
             raise ValueError(
-                f"GPTConfig.head_dim={self.head_dim} is odd, but RoPE rotates pairs of channels: "
+                f"GPTConfig.head_dim={self.head_size} is odd, but RoPE rotates pairs of channels: "
                 "use an even head_dim, or pos_encoding='learned'"
             )
         if self.mlp_ratio <= 0:
@@ -74,6 +72,11 @@ class GPTConfig:
             raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout}")
         if self.rope_base <= 1.0:
             raise ValueError(f"GPTConfig.rope_base must be greater than 1, got {self.rope_base}")
+
+    @property
+    def head_size(self) -> int:
+        """hs, the head width in use: head_dim, or n_embd // n_head when head_dim is None."""
+        return self.head_dim if self.head_dim is not None else self.n_embd // self.n_head
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> GPTConfig:
@@ -118,27 +121,15 @@ class GPT(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.config = c = config
-        # One rotary module shared by every layer, so cos and sin are tabulated once.
-        rope = (
-            None
-            if c.pos_encoding == "learned"
-            else RotaryEmbedding(c.head_dim, c.rope_base, c.block_size)
-        )
-        self.rope = rope
+        self.rope = None  # learned mode: positions come from wpe instead
+        if c.pos_encoding == "rope":  # one module for every layer: cos and sin tabulated once
+            self.rope = RotaryEmbedding(c.head_size, c.rope_base, c.block_size)
         parts: dict[str, nn.Module] = {"wte": nn.Embedding(c.vocab_size, c.n_embd)}
-        if rope is None:
+        if self.rope is None:
             parts["wpe"] = nn.Embedding(c.block_size, c.n_embd)
         parts["drop"] = nn.Dropout(c.dropout)
         parts["h"] = nn.ModuleList(
-            Block(
-                c.n_embd,
-                c.n_head,
-                head_dim=c.head_dim,
-                mlp_ratio=c.mlp_ratio,
-                bias=c.bias,
-                dropout=c.dropout,
-                rope=rope,
-            )
+            Block(c.n_embd, c.n_head, c.head_size, c.mlp_ratio, c.bias, c.dropout, self.rope)
             for _ in range(c.n_layer)
         )
         parts["ln_f"] = nn.LayerNorm(c.n_embd, bias=c.bias)
