@@ -23,22 +23,23 @@ def manual_attention(
 
     Args:
         q: queries, (B, nh, T, hs).
-        k: keys, (B, nh, T, hs).
-        v: values, (B, nh, T, hs).
+        k: keys, (B, nh, S, hs), S >= T: the queries are the last T of the S positions
+            (S > T when earlier keys come from a cache, chapter 08).
+        v: values, (B, nh, S, hs).
         dropout: applied to the attention weights in training, or None.
 
     Returns:
         The weighted sums of the values, (B, nh, T, hs), and the attention weights,
-        (B, nh, T, T), whose row t is zero after column t and sums to 1.
+        (B, nh, T, S), whose row t is zero after column S - T + t and sums to 1.
     """
-    T, hs = q.size(-2), q.size(-1)
-    scores = q @ k.transpose(-2, -1) / math.sqrt(hs)  # (B, nh, T, T)
-    allowed = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()  # (T, T)
+    T, S, hs = q.size(-2), k.size(-2), q.size(-1)
+    scores = q @ k.transpose(-2, -1) / math.sqrt(hs)  # (B, nh, T, S)
+    allowed = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)  # (T, S)
     scores = scores.masked_fill(~allowed, float("-inf"))  # no peeking at later tokens
-    weights = scores.softmax(dim=-1)  # (B, nh, T, T)
+    weights = scores.softmax(dim=-1)  # (B, nh, T, S)
     if dropout is not None:
         weights = dropout(weights)
-    return weights @ v, weights  # (B, nh, T, hs), (B, nh, T, T)
+    return weights @ v, weights  # (B, nh, T, hs), (B, nh, T, S)
 
 
 def _head_dim(
@@ -64,6 +65,22 @@ def _head_dim(
     return head_dim
 
 
+def _update_cache(
+    cache: tuple[Tensor, Tensor], k: Tensor, v: Tensor, start_pos: int
+) -> tuple[Tensor, Tensor]:
+    """Write k, v (B, nh, T, hs) at positions start_pos.. of the cache; return all S so far."""
+    k_cache, v_cache = cache  # (B, nh, S_max, hs) each, allocated once by the caller
+    end = start_pos + k.size(2)
+    if end > k_cache.size(2) or k_cache.shape[:2] != k.shape[:2]:
+        raise ValueError(
+            f"cache of shape {tuple(k_cache.shape)} cannot hold positions {start_pos}..{end - 1} "
+            f"of {k.size(0)} sequences with {k.size(1)} heads: allocate (B, nh, S_max, hs)"
+        )
+    k_cache[:, :, start_pos:end] = k
+    v_cache[:, :, start_pos:end] = v
+    return k_cache[:, :, :end], v_cache[:, :, :end]  # (B, nh, S, hs) views, S = end
+
+
 class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention, as in GPT-2 (chapter 02).
 
@@ -81,7 +98,9 @@ class CausalSelfAttention(nn.Module):
         rope: a RotaryEmbedding applied to q and k (shared by all layers), or None when
             positions are added to the embeddings instead.
 
-    Shapes: forward maps x (B, T, C) to (B, T, C).
+    Shapes: forward maps x (B, T, C) to (B, T, C). ``forward(x, start_pos, cache)``: the
+    tokens of x sit at positions start_pos.. (for RoPE); cache, a pair of (B, nh, S_max, hs)
+    tensors, receives their keys and values and supplies those of earlier positions.
     """
 
     def __init__(
@@ -103,18 +122,27 @@ class CausalSelfAttention(nn.Module):
         self.rope = rope
         self.fast = True  # False: the step-by-step manual_attention, for reading and testing
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(
+        self, x: Tensor, start_pos: int = 0, cache: tuple[Tensor, Tensor] | None = None
+    ) -> Tensor:
         B, T, C = x.shape
         nh, hs = self.n_head, self.head_dim
         q, k, v = self.c_attn(x).split(nh * hs, dim=2)  # 3 x (B, T, nh * hs)
         q = q.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
-        if self.rope is not None:
-            q, k = self.rope(q), self.rope(k)
+        if self.rope is not None:  # positions start_pos .. start_pos + T - 1
+            q, k = self.rope(q, start_pos), self.rope(k, start_pos)
+        if cache is not None:  # earlier positions' keys and values join the new ones
+            k, v = _update_cache(cache, k, v, start_pos)  # (B, nh, S, hs), S = start_pos + T
         if self.fast:
             p = self.attn_dropout.p if self.training else 0.0
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+            S, mask = k.size(2), None  # S == T: is_causal; T == 1: one query reads every key
+            if T not in (1, S):  # is_causal aligns its triangle top-left, wrong when S > T
+                mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)  # (T, S)
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=p, is_causal=S == T
+            )
         else:
             y, _ = manual_attention(q, k, v, self.attn_dropout)  # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(B, T, nh * hs)  # (B, T, nh * hs): heads side by side

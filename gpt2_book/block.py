@@ -29,7 +29,8 @@ class Block(nn.Module):
         dropout: dropout probability inside attention and the MLP.
         rope: a shared RotaryEmbedding for the attention, or None for learned positions.
 
-    Shapes: forward maps x (B, T, C) to (B, T, C).
+    Shapes: forward maps x (B, T, C) to (B, T, C); start_pos and cache go to the attention
+    (see `CausalSelfAttention`).
     """
 
     def __init__(
@@ -51,7 +52,9 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(n_embd, bias=bias)
         self.mlp = mlp
 
-    def forward(self, x: Tensor) -> Tensor:
-        x = x + self.attn(self.ln_1(x))  # tokens exchange information
+    def forward(
+        self, x: Tensor, start_pos: int = 0, cache: tuple[Tensor, Tensor] | None = None
+    ) -> Tensor:
+        x = x + self.attn(self.ln_1(x), start_pos, cache)  # tokens exchange information
         x = x + self.mlp(self.ln_2(x))  # each token is processed on its own
         return x  # (B, T, C)
