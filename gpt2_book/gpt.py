@@ -151,39 +151,50 @@ class GPT(nn.Module):
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * self.config.n_layer))
 
-    def forward(self, idx: Tensor, targets: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    def forward(
+        self,
+        idx: Tensor,
+        targets: Tensor | None = None,
+        start_pos: int = 0,
+        caches: list[tuple[Tensor, Tensor]] | None = None,
+    ) -> tuple[Tensor, Tensor | None]:
         """Next-token scores at every position, and their loss when targets are given.
 
         Args:
             idx: token ids, (B, T) int64, each in [0, vocab_size).
             targets: the id that should come next at each position, (B, T): usually idx
                 shifted left by one. Positions marked -1 are left out of the loss.
+            start_pos: the position of idx[:, 0] in the whole sequence; nonzero only when
+                earlier tokens are in `caches` (generation, chapter 08).
+            caches: one (k, v) pair of (B, nh, S_max, hs) buffers per layer, or None.
 
         Returns:
             logits (B, T, V), and the mean cross-entropy over all positions (a scalar tensor),
             or None without targets.
         """
-        self._check_input(idx)
+        self._check_input(idx, start_pos)
         B, T = idx.shape
         x = self.transformer.wte(idx)  # (B, T, C)
-        if self.rope is None:
-            x = x + self.transformer.wpe(torch.arange(T, device=idx.device))  # (T, C) over B
+        if self.rope is None:  # rows start_pos .. start_pos + T - 1 of the position table
+            pos = torch.arange(start_pos, start_pos + T, device=idx.device)  # (T,)
+            x = x + self.transformer.wpe(pos)  # (T, C) broadcast over B
         x = self.transformer.drop(x)
-        for block in self.transformer.h:
-            x = block(x)  # (B, T, C)
+        caches = caches if caches is not None else [None] * len(self.transformer.h)
+        for block, cache in zip(self.transformer.h, caches, strict=True):
+            x = block(x, start_pos, cache)  # (B, T, C)
         logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, V)
         if targets is None:
             return logits, None
         loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
         return logits, loss
 
-    def _check_input(self, idx: Tensor) -> None:
+    def _check_input(self, idx: Tensor, start_pos: int = 0) -> None:
         if idx.dim() != 2:
             raise ValueError(f"idx must hold token ids of shape (B, T), got {tuple(idx.shape)}")
-        T, block_size = idx.shape[1], self.config.block_size
-        if self.rope is None and T > block_size:
+        end, block_size = start_pos + idx.shape[1], self.config.block_size
+        if self.rope is None and end > block_size:
             raise ValueError(
-                f"sequence length {T} exceeds block_size={block_size}, the number of learned "
+                f"sequence length {end} exceeds block_size={block_size}, the number of learned "
                 f"positions: crop the input to its last {block_size} tokens, or use "
                 "pos_encoding='rope'"
             )
@@ -237,36 +248,40 @@ class GPT(nn.Module):
         fast = {"fused": True} if device_type == "cuda" else {"foreach": True}
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **fast)
 
-    @torch.no_grad()
     def generate(
-        self, idx: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None
+        self,
+        idx: Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        use_cache: bool = True,
+        generator: torch.Generator | None = None,
+        stop_token: int | None = None,
     ) -> Tensor:
-        """Extend each sequence by sampling one token at a time (no cache: simple and slow).
+        """Extend each prompt by sampling one token at a time; see `gpt2_book.generate.generate`.
 
         Args:
-            idx: prompt ids, (B, T).
-            max_new_tokens: how many tokens to append.
+            idx: prompt ids, (B, T), one length for the whole batch.
+            max_new_tokens: how many tokens to append (fewer if every row stops early).
             temperature: divides the logits; below 1 is more conservative, 0 means argmax.
             top_k: sample only among the k most likely tokens; None for all.
+            top_p: sample only among the most likely tokens whose probabilities add up to
+                top_p (nucleus sampling), in (0, 1]; None for all.
+            use_cache: keep past keys and values (fast); False recomputes them every step.
+            generator: a seeded `torch.Generator` for reproducible sampling.
+            stop_token: a row that produces this id stops; it is padded with it afterwards.
 
         Returns:
-            (B, T + max_new_tokens) ids: the prompt followed by the new tokens.
+            (B, T + n) ids, n <= max_new_tokens: the prompt followed by the new tokens.
         """
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0 means argmax), got {temperature}")
-        for _ in range(max_new_tokens):
-            context = idx if self.rope is not None else idx[:, -self.config.block_size :]
-            logits = self(context)[0][:, -1, :]  # (B, V): scores for the next token only
-            if temperature == 0:
-                next_id = logits.argmax(dim=-1, keepdim=True)  # (B, 1)
-            else:
-                logits = logits / temperature
-                if top_k is not None:
-                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                next_id = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)  # (B, 1)
-            idx = torch.cat([idx, next_id], dim=1)  # (B, T + 1)
-        return idx
+        # Imported here: chapter 08 builds on this chapter, so importing it at the top would
+        # make an earlier chapter depend on a later one (and the two modules on each other).
+        from gpt2_book.generate import generate
+
+        return generate(
+            self, idx, max_new_tokens, temperature, top_k, top_p, use_cache, generator, stop_token
+        )
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path, dropout: float = 0.0) -> GPT:
