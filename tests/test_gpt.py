@@ -7,6 +7,7 @@ about ln V, memorising one batch).
 
 import json
 import math
+import sys
 from dataclasses import replace
 
 import pytest
@@ -14,8 +15,6 @@ import torch
 from torch.testing import assert_close
 
 from gpt2_book.gpt import GPT, GPTConfig
-
-transformers = pytest.importorskip("transformers")
 
 MODES = ["rope", "learned"]
 
@@ -30,6 +29,7 @@ def _random_ids(config: GPTConfig, B: int = 2, T: int = 16) -> torch.Tensor:
 @pytest.fixture
 def hf_checkpoint(tmp_path, seed):
     """A small random GPT2LMHeadModel, saved as config.json + model.safetensors."""
+    transformers = pytest.importorskip("transformers")
     hf_config = transformers.GPT2Config(
         n_layer=2,
         n_head=4,
@@ -116,6 +116,37 @@ def test_from_pretrained_errors(tmp_path, hf_checkpoint):
     (path / "config.json").write_text(json.dumps({**config, "activation_function": "relu"}))
     with pytest.raises(ValueError, match="activation_function"):
         GPT.from_pretrained(path)
+
+
+def test_from_pretrained_downloads_hub_names(hf_checkpoint, monkeypatch):
+    """A name that is not a local directory goes to the hub (faked here: no internet)."""
+    huggingface_hub = pytest.importorskip("huggingface_hub")
+    hf_model, path = hf_checkpoint
+    asked = []
+
+    def fake_download(repo_id, allow_patterns):
+        asked.append((repo_id, allow_patterns))
+        return str(path)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
+    model = GPT.from_pretrained("openai-community/gpt2").eval()
+    assert asked[0][0] == "openai-community/gpt2" and "config.json" in asked[0][1]
+    ids = torch.randint(0, 100, (1, 10))
+    with torch.no_grad():
+        assert_close(model(ids)[0], hf_model(ids).logits, atol=1e-5, rtol=0)
+
+    def offline(repo_id, allow_patterns):
+        raise ConnectionError("no internet")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(OSError, match="neither a local directory nor a downloadable"):
+        GPT.from_pretrained("openai-community/gpt2")
+
+
+def test_from_pretrained_without_transformers_says_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # import now fails
+    with pytest.raises(ImportError, match="pip install transformers"):
+        GPT.from_pretrained("openai-community/gpt2")
 
 
 # --- behaviour -----------------------------------------------------------------------------------
