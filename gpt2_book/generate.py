@@ -191,7 +191,7 @@ def stream(
                 logits = model(seq[:, L - 1 : L], None, L - 1, caches)[0]
             else:  # prompt (prefill), no cache, or a slid learned window (cache rebuilt)
                 start = max(0, L - window)
-                logits = model(seq[:, start:L], None, 0, caches)[0]
+                logits = model(seq[:, start:L], None, 0, caches, last_only=True)[0]
             held = L if caches is not None and L <= window else 0
             next_id = sample_next(logits[:, -1], temperature, top_k, top_p, generator)  # (B,)
             if stop_token is not None:

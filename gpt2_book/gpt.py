@@ -157,6 +157,7 @@ class GPT(nn.Module):
         targets: Tensor | None = None,
         start_pos: int = 0,
         caches: list[tuple[Tensor, Tensor]] | None = None,
+        last_only: bool = False,
     ) -> tuple[Tensor, Tensor | None]:
         """Next-token scores at every position, and their loss when targets are given.
 
@@ -167,6 +168,8 @@ class GPT(nn.Module):
             start_pos: the position of idx[:, 0] in the whole sequence; nonzero only when
                 earlier tokens are in `caches` (generation, chapter 08).
             caches: one (k, v) pair of (B, nh, S_max, hs) buffers per layer, or None.
+            last_only: score only the last position, logits (B, 1, V): all that generation
+                needs, and with a large vocabulary most of the cost of a long input.
 
         Returns:
             logits (B, T, V), and the mean cross-entropy over all positions (a scalar tensor),
@@ -182,6 +185,8 @@ class GPT(nn.Module):
         caches = caches if caches is not None else [None] * len(self.transformer.h)
         for block, cache in zip(self.transformer.h, caches, strict=True):
             x = block(x, start_pos, cache)  # (B, T, C)
+        if last_only:
+            x = x[:, -1:]  # (B, 1, C)
         logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, V)
         if targets is None:
             return logits, None
