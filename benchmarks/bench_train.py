@@ -1,0 +1,71 @@
+"""Benchmark: train the `shakespeare-char-cpu` preset on a text file; print val loss and speed.
+
+Hand-written (not exported). nanoGPT reports a validation loss of about 1.88 for this
+configuration after 2,000 steps on the classic Tiny Shakespeare (its README's CPU run); this
+script measures what our implementation reaches on any text, by default the corpus shipped in
+the package:
+
+    python benchmarks/bench_train.py                      # the shipped Shakespeare
+    python benchmarks/bench_train.py --input input.txt    # e.g. Tiny Shakespeare
+    python benchmarks/bench_train.py --max-iters 200      # a quick look
+
+Prints one line per evaluation, then the final val loss, wall time and tokens per second.
+"""
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from gpt2_book.data import prepare
+from gpt2_book.train import TrainConfig, train
+
+TARGET = 1.88  # nanoGPT's published val loss for this preset on Tiny Shakespeare
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--input", help="UTF-8 text file (default: the shipped corpus)")
+    parser.add_argument("--preset", default="shakespeare-char-cpu")
+    parser.add_argument("--max-iters", type=int, help="default: the preset's (2,000)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    overrides = {"device": args.device}
+    if args.max_iters:
+        overrides.update(max_iters=args.max_iters, lr_decay_iters=args.max_iters)
+    config = TrainConfig.from_preset(args.preset, **overrides)
+
+    with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
+        data_dir, out_dir = Path(tmp) / "data", Path(tmp) / "out"
+        meta = prepare(args.input, data_dir, tokenizer="char", block_size=config.block_size)
+        print(
+            f"data: {meta['source']} ({meta['train_tokens']:,} train / "
+            f"{meta['val_tokens']:,} val tokens, vocabulary {meta['vocab_size']})"
+        )
+        print(f"config: {json.dumps(vars(config))}")
+        start = time.perf_counter()
+        result = train(config, data_dir, out_dir, progress=False)
+        wall = time.perf_counter() - start
+    for row in result.evals:
+        print(f"step {row['iter']:5d}  train {row['train_loss']:.4f}  val {row['val_loss']:.4f}")
+    last = result.evals[-1]
+    tokens = config.batch_size * config.block_size * config.grad_accum_steps * result.iters
+    print(
+        f"final val loss {last['val_loss']:.4f} after {result.iters} steps "
+        f"(nanoGPT's figure on Tiny Shakespeare: {TARGET})"
+    )
+    print(
+        f"wall time {wall:.1f} s, {tokens / wall:,.0f} tokens/s overall "
+        f"(threads={args.threads}, device={args.device})"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
