@@ -1,0 +1,266 @@
+"""Tests for gpt2_book.generate (chapter notebooks/08_generation.ipynb).
+
+References: generation without the cache (the whole sequence recomputed every step), one full
+forward pass, hand-made distributions for the sampling filters, and Hugging Face's greedy
+generation on the same weights.
+"""
+
+from dataclasses import replace
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from gpt2_book.generate import (
+    generate,
+    kv_cache_bytes,
+    new_kv_cache,
+    sample_next,
+    stream,
+    top_k_filter,
+    top_p_filter,
+)
+from gpt2_book.gpt import GPT, GPTConfig
+
+MODES = ["rope", "learned"]
+
+
+def _model(config: GPTConfig, mode: str) -> GPT:
+    return GPT(replace(config, pos_encoding=mode)).eval()
+
+
+# --- the cache changes nothing but the speed ----------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_greedy_with_cache_equals_without(tiny_config, seed, mode):
+    model = _model(tiny_config, mode)
+    prompt = torch.randint(0, tiny_config.vocab_size, (3, 7))  # batch of 3
+    n = 200  # past block_size = 64: learned mode slides its window, RoPE mode continues
+    cached = generate(model, prompt, n, temperature=0)
+    uncached = generate(model, prompt, n, temperature=0, use_cache=False)
+    assert cached.shape == (3, 7 + n) and torch.equal(cached[:, :7], prompt)
+    assert torch.equal(cached, uncached)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_batch_rows_generate_as_if_alone(tiny_config, seed, mode):
+    model = _model(tiny_config, mode)
+    prompt = torch.randint(0, tiny_config.vocab_size, (3, 5))
+    together = generate(model, prompt, 30, temperature=0)
+    alone = torch.cat([generate(model, prompt[i : i + 1], 30, temperature=0) for i in range(3)])
+    assert torch.equal(together, alone)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("chunk", [1, 5])
+def test_prefill_then_steps_equal_one_full_pass(tiny_config, seed, mode, chunk):
+    model = _model(tiny_config, mode)
+    ids = torch.randint(0, tiny_config.vocab_size, (2, 40))
+    caches = new_kv_cache(model, 2, 40)
+    with torch.no_grad():
+        full = model(ids)[0]  # (B, T, V)
+        parts = [model(ids[:, :25], None, 0, caches)[0]]  # prefill
+        for t in range(25, 40, chunk):  # then chunk tokens at a time, at their positions
+            parts.append(model(ids[:, t : t + chunk], None, t, caches)[0])
+    diff = (torch.cat(parts, dim=1) - full).abs().max().item()
+    assert diff < 1e-4
+
+
+def test_last_only_is_the_last_row_of_the_logits(tiny_config, seed):
+    model = _model(tiny_config, "rope")
+    ids = torch.randint(0, tiny_config.vocab_size, (2, 9))
+    with torch.no_grad():
+        assert_close(model(ids, last_only=True)[0], model(ids)[0][:, -1:])
+
+
+def test_cache_too_small_is_a_clear_error(tiny_config, seed):
+    model = _model(tiny_config, "rope")
+    caches = new_kv_cache(model, 1, 4)
+    with pytest.raises(ValueError, match="cannot hold positions 0..5"):
+        model(torch.zeros(1, 6, dtype=torch.long), None, 0, caches)
+
+
+def test_kv_cache_shapes_and_memory(tiny_config):
+    model = _model(tiny_config, "rope")
+    caches = new_kv_cache(model, 2, 10)
+    assert len(caches) == tiny_config.n_layer
+    assert all(k.shape == v.shape == (2, 3, 10, 16) for k, v in caches)
+    total = sum(k.numel() + v.numel() for k, v in caches) * 4
+    assert kv_cache_bytes(tiny_config, 2, 10) == total
+    # GPT-2 small, one sequence of 1024 tokens, float32: 72 MiB.
+    assert kv_cache_bytes(GPTConfig(), 1, 1024) == 2 * 12 * 768 * 1024 * 4 == 72 * 2**20
+
+
+def test_matches_hugging_face_greedy_generation(seed):
+    transformers = pytest.importorskip("transformers")
+    hf_config = transformers.GPT2Config(
+        n_layer=2, n_head=4, n_embd=64, vocab_size=100, n_positions=64, pad_token_id=0,
+        bos_token_id=None, eos_token_id=None,
+    )  # fmt: skip
+    hf_model = transformers.GPT2LMHeadModel(hf_config).eval()
+    ours = GPT(GPTConfig(vocab_size=100, block_size=64, n_layer=2, n_head=4, n_embd=64,
+                         pos_encoding="learned")).eval()  # fmt: skip
+    from gpt2_book.gpt import _state_from_hf
+
+    ours.load_state_dict(_state_from_hf(hf_model.state_dict()))
+    prompt = torch.randint(0, 100, (2, 6))
+    ref = hf_model.generate(
+        prompt, max_new_tokens=40, min_new_tokens=40, do_sample=False,
+        attention_mask=torch.ones_like(prompt),
+    )  # fmt: skip
+    assert torch.equal(generate(ours, prompt, 40, temperature=0), ref)
+
+
+# --- sampling -----------------------------------------------------------------------------------
+
+
+def test_fixed_generator_is_reproducible(tiny_config, seed):
+    model = _model(tiny_config, "rope")
+    prompt = torch.randint(0, tiny_config.vocab_size, (2, 4))
+
+    def run(seed: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(seed)
+        return generate(model, prompt, 50, temperature=1.2, top_k=20, top_p=0.9, generator=g)
+
+    assert torch.equal(run(7), run(7))
+    assert not torch.equal(run(7), run(8))
+
+
+def test_sampling_with_cache_equals_without(tiny_config, seed):
+    model = _model(tiny_config, "learned")
+    prompt = torch.randint(0, tiny_config.vocab_size, (2, 4))
+    a, b = (
+        generate(model, prompt, 80, top_p=0.8, generator=torch.Generator().manual_seed(1),
+                 use_cache=use_cache)
+        for use_cache in (True, False)
+    )  # fmt: skip
+    assert torch.equal(a, b)
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    probs = torch.tensor([[0.05, 0.5, 0.15, 0.3]])  # sorted: 0.5, 0.3, 0.15, 0.05
+    logits = probs.log()
+
+    def kept(p: float) -> set[int]:
+        return set(torch.isfinite(top_p_filter(logits, p))[0].nonzero().flatten().tolist())
+
+    assert kept(0.3) == {1}  # the top token alone has 0.5 >= 0.3
+    assert kept(0.6) == {1, 3}  # 0.5 < 0.6 <= 0.8
+    assert kept(0.9) == {1, 3, 2}  # 0.8 < 0.9 <= 0.95
+    assert kept(0.97) == {0, 1, 2, 3}
+    assert kept(1.0) == {0, 1, 2, 3}
+    assert_close(top_p_filter(logits, 0.6)[0, [1, 3]], logits[0, [1, 3]])  # survivors unchanged
+
+
+def test_top_p_never_samples_outside_the_nucleus():
+    logits = torch.tensor([[0.05, 0.5, 0.15, 0.3]]).log().expand(2000, 4)
+    g = torch.Generator().manual_seed(0)
+    ids = sample_next(logits, top_p=0.6, generator=g)
+    assert set(ids.tolist()) == {1, 3}
+    share = (ids == 1).float().mean().item()  # renormalised: 0.5 / 0.8
+    assert abs(share - 0.625) < 0.05
+
+
+def test_top_k():
+    logits = torch.tensor([[1.0, 4.0, 3.0, 2.0]])
+    assert torch.isfinite(top_k_filter(logits, 2)).tolist() == [[False, True, True, False]]
+    assert torch.equal(top_k_filter(logits, 10), logits)  # k > V is fine
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_top_k_1_equals_greedy(tiny_config, seed, mode):
+    model = _model(tiny_config, mode)
+    prompt = torch.randint(0, tiny_config.vocab_size, (2, 4))
+    greedy = generate(model, prompt, 40, temperature=0)
+    assert torch.equal(generate(model, prompt, 40, temperature=1.5, top_k=1), greedy)
+
+
+def test_low_temperature_approaches_greedy(seed):
+    logits = torch.randn(500, 30)
+    g = torch.Generator().manual_seed(0)
+    agree = [
+        (sample_next(logits, t, generator=g) == logits.argmax(-1)).float().mean().item()
+        for t in (2.0, 1.0, 0.3, 0.03, 0.001)
+    ]
+    assert agree == sorted(agree) and agree[0] < 0.5 and agree[-1] > 0.99
+
+
+# --- stop token and streaming -------------------------------------------------------------------
+
+
+def test_stop_token_stops_each_row_and_pads_it(tiny_config, seed):
+    model = _model(tiny_config, "rope")
+    prompt = torch.randint(0, tiny_config.vocab_size, (2, 3))
+    greedy = generate(model, prompt, 30, temperature=0)
+    stop = int(greedy[0, 3 + 5])  # the token row 0 produces at step 5
+    out = generate(model, prompt, 30, temperature=0, stop_token=stop)
+    first = [(row[3:] == stop).nonzero()[0].item() if (row[3:] == stop).any() else None
+             for row in greedy]  # fmt: skip
+    for row, f in zip(range(2), first, strict=True):
+        if f is None:
+            assert torch.equal(out[row], greedy[row, : out.shape[1]])
+        else:  # identical up to the stop token, then only stop tokens
+            assert torch.equal(out[row, : 3 + f + 1], greedy[row, : 3 + f + 1])
+            assert (out[row, 3 + f :] == stop).all()
+    if all(f is not None for f in first):  # every row stopped: the loop ended early
+        assert out.shape[1] == 3 + max(first) + 1
+
+
+def test_stream_yields_the_generated_columns(tiny_config, seed):
+    model = _model(tiny_config, "learned")
+    prompt = torch.randint(0, tiny_config.vocab_size, (2, 3))
+    columns = list(stream(model, prompt, 12, temperature=0))
+    assert len(columns) == 12 and all(c.shape == (2,) for c in columns)
+    assert torch.equal(torch.stack(columns, 1), generate(model, prompt, 12, temperature=0)[:, 3:])
+
+
+def test_gpt_generate_delegates(tiny_config, seed):
+    model = _model(tiny_config, "rope")
+    prompt = torch.randint(0, tiny_config.vocab_size, (1, 3))
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    assert torch.equal(
+        model.generate(prompt, 20, top_p=0.9, generator=g1),
+        generate(model, prompt, 20, top_p=0.9, generator=g2),
+    )
+
+
+def test_zero_new_tokens_returns_the_prompt(tiny_config, seed):
+    model = _model(tiny_config, "rope")
+    prompt = torch.randint(0, tiny_config.vocab_size, (2, 3))
+    assert torch.equal(generate(model, prompt, 0), prompt)
+
+
+def test_rope_table_grown_while_generating_still_trains(tiny_config, seed):
+    model = _model(tiny_config, "rope")
+    generate(model, torch.zeros(1, 1, dtype=torch.long), 2 * tiny_config.block_size)
+    ids = torch.randint(0, tiny_config.vocab_size, (1, 3 * tiny_config.block_size))
+    model(ids, ids)[1].backward()  # no "inference tensor" error from the grown cos/sin tables
+
+
+# --- errors ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "prompt, kwargs, message",
+    [
+        ([[1, 2, 70]], {}, r"prompt ids must lie in \[0, 65\)"),
+        ([[-1, 2]], {}, r"prompt ids must lie in \[0, 65\)"),
+        (torch.zeros(1, 0, dtype=torch.long), {}, "B, T >= 1"),
+        ([[]], {}, "B, T >= 1"),
+        ([[1, 2], [3]], {}, "different lengths"),
+        ([[1, 2]], {"max_new_tokens": -1}, "max_new_tokens must be >= 0"),
+        ([[1, 2]], {"top_p": 0.0}, r"top_p must be in \(0, 1\]"),
+        ([[1, 2]], {"top_p": 1.5}, r"top_p must be in \(0, 1\]"),
+        ([[1, 2]], {"top_k": 0}, "top_k must be >= 1"),
+        ([[1, 2]], {"temperature": -0.5}, "temperature must be >= 0"),
+        ([[1, 2]], {"stop_token": 65}, "stop_token"),
+    ],
+)
+def test_bad_requests_give_clear_errors(tiny_config, prompt, kwargs, message):
+    model = _model(tiny_config, "rope")
+    kwargs = {"max_new_tokens": 3, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        generate(model, prompt, **kwargs)
+    with pytest.raises(ValueError, match=message):
+        next(stream(model, prompt, **kwargs))
