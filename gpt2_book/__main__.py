@@ -90,7 +90,11 @@ def _train(args: argparse.Namespace) -> int:
     config = _config(args)
     data_dir = Path(args.data) if args.data else _shipped_data(config.block_size)
     result = train(config, data_dir, args.out_dir, resume=args.resume, progress=args.progress)
-    if os.environ.get("RANK", "0") == "0" and result.evals:
+    if os.environ.get("RANK", "0") != "0":
+        return 0
+    if not result.evals:
+        print(f"{args.out_dir} is already at step {result.iters}: raise --max-iters to go on")
+    else:
         last = result.evals[-1]
         print(
             f"step {last['iter']}: train loss {last['train_loss']:.4f}, "

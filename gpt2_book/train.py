@@ -46,6 +46,9 @@ __all__ = [
 ]
 
 
+_log = logging.getLogger(__name__)
+
+
 _PRESETS = types.MappingProxyType(
     {
         # nanoGPT's "baby" Shakespeare run for a CPU: about 0.8M parameters.
@@ -249,7 +252,7 @@ def _fixed_batches(
 ) -> list[tuple[Tensor, Tensor]]:
     """`eval_iters` batches of one split, drawn once with their own seed and reused."""
     seed = config.seed + 10_000  # a stream of its own: not the first training batches
-    batches = Batches(data_dir, split, config.batch_size, config.block_size, device, seed)
+    batches = Batches(data_dir, split, config.batch_size, config.block_size, device, seed=seed)
     return [next(batches) for _ in range(config.eval_iters)]
 
 
@@ -413,41 +416,40 @@ def _setup(
     """Build the model, optimizer and batches; restore a checkpoint when resuming."""
     _check_out_dir(out_dir, resume)
     if config.grad_accum_steps % world.world_size:
-        _check(
-            config,
-            "grad_accum_steps",
-            False,
-            f"must be a multiple of the {world.world_size} processes",
+        raise ValueError(
+            f"TrainConfig.grad_accum_steps = {config.grad_accum_steps} must be a multiple of "
+            f"the number of processes, {world.world_size}"
         )
     meta = read_meta(data_dir)
     model_config = config.model_config(meta["vocab_size"])
     torch.manual_seed(config.seed)  # the same initial weights on every process
     model = GPT(model_config).to(device)
+    betas = (config.beta1, config.beta2)
     dtype = _amp_dtype(config.dtype, device)
     run = _Run(
-        config,
-        model_config,
-        model,
-        model,
-        model.configure_optimizer(
-            config.learning_rate, config.weight_decay, (config.beta1, config.beta2), device.type
+        config=config,
+        model_config=model_config,
+        model=model,
+        forward=model,
+        optimizer=model.configure_optimizer(
+            config.learning_rate, config.weight_decay, betas, device.type
         ),
-        torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
-        _autocast(device, dtype),
-        Batches(
+        scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
+        autocast=_autocast(device, dtype),
+        batches=Batches(
             data_dir,
             "train",
             config.batch_size,
             config.block_size,
             device,
-            config.seed,
-            world.rank,
-            world.world_size,
+            seed=config.seed,
+            rank=world.rank,
+            world_size=world.world_size,
         ),
-        {split: _fixed_batches(data_dir, split, config, device) for split in ("train", "val")},
-        meta,
-        world,
-        out_dir,
+        eval_batches={s: _fixed_batches(data_dir, s, config, device) for s in ("train", "val")},
+        data_meta=meta,
+        world=world,
+        out_dir=out_dir,
     )
     torch.manual_seed(config.seed + world.rank)  # dropout: a different stream per process
     if resume:
@@ -466,7 +468,8 @@ def _check_out_dir(out_dir: Path, resume: bool) -> None:
         raise CheckpointError(f"nothing to resume: no {CHECKPOINT_NAME} in {out_dir}")
     if exists and not resume:
         raise CheckpointError(
-            f"{out_dir} already holds a checkpoint: resume it, or choose another out dir"
+            f"{out_dir} already holds a checkpoint: resume it (--resume), or choose another "
+            "out dir (--out-dir)"
         )
 
 
@@ -501,9 +504,6 @@ def _restore(run: _Run, state: dict) -> None:
 def _plain_names(state_dict: dict) -> dict:
     """Parameter names without the prefixes torch.compile and DDP add."""
     return {k.replace("_orig_mod.", "").removeprefix("module."): v for k, v in state_dict.items()}
-
-
-_log = logging.getLogger(__name__)
 
 
 def _checkpoint(run: _Run, elapsed_s: float) -> None:

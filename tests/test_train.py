@@ -253,6 +253,19 @@ def test_compiled_model_saves_plain_names_and_resumes(data_dir, tmp_path, monkey
     assert load_checkpoint(tmp_path)["iter"] == 3
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_mixed_precision_trains_and_resumes(dtype, data_dir, tmp_path):
+    """The autocast paths (and float16's GradScaler) run on the CPU too."""
+    config = tiny_config(dtype=dtype, max_iters=20, lr_decay_iters=20, eval_interval=10)
+    result = train(dataclasses.replace(config, max_iters=10), data_dir, tmp_path, progress=False)
+    state = load_checkpoint(tmp_path)
+    assert bool(state["scaler"]) == (dtype == "float16")  # the loss scale is saved
+    result2 = train(config, data_dir, tmp_path, resume=True, progress=False)
+    assert all(math.isfinite(x) for x in result.losses + result2.losses)
+    assert result2.evals[-1]["val_loss"] < result.evals[0]["val_loss"] - 0.3
+    assert all(p.dtype == torch.float32 for p in weights(tmp_path).values())
+
+
 # ---- checkpoints -----------------------------------------------------------------------------
 
 
@@ -389,9 +402,9 @@ def test_ddp_on_two_processes_matches_one_process(data_dir, tmp_path, monkeypatc
     assert len(load_checkpoint(tmp_path / "ddp")["ranks"]) == 2
 
     class Interleaved:  # one process drawing the windows both ranks drew, in turn
-        def __init__(self, data_dir, split, batch_size, block_size, device, seed, *rest):
+        def __init__(self, data_dir, split, batch_size, block_size, device, seed=0, **ignored):
             self.ranks = [
-                iter(Batches(data_dir, split, batch_size, block_size, device, seed, rank, 2))
+                Batches(data_dir, split, batch_size, block_size, device, seed, rank, 2)
                 for rank in (0, 1)
             ]
             self.i = 0
