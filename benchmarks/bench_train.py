@@ -8,6 +8,7 @@ the package:
     python benchmarks/bench_train.py                      # the shipped Shakespeare
     python benchmarks/bench_train.py --input input.txt    # e.g. Tiny Shakespeare
     python benchmarks/bench_train.py --max-iters 200      # a quick look
+    python benchmarks/bench_train.py --pos-encoding learned   # GPT-2's (and nanoGPT's) positions
 
 Prints one line per evaluation, then the final val loss, wall time and tokens per second.
 """
@@ -34,11 +35,16 @@ def main() -> int:
     parser.add_argument("--max-iters", type=int, help="default: the preset's (2,000)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--pos-encoding", choices=["rope", "learned"], help="default: preset's")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     overrides = {"device": args.device}
-    if args.max_iters:
+    if args.pos_encoding:
+        overrides["pos_encoding"] = args.pos_encoding
+    if args.max_iters:  # a shorter run: schedule and warmup shrink with it
+        warmup = min(100, args.max_iters // 10)
         overrides.update(max_iters=args.max_iters, lr_decay_iters=args.max_iters)
+        overrides.update(warmup_iters=warmup, eval_interval=max(1, args.max_iters // 8))
     config = TrainConfig.from_preset(args.preset, **overrides)
 
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
@@ -60,6 +66,8 @@ def main() -> int:
         f"final val loss {last['val_loss']:.4f} after {result.iters} steps "
         f"(nanoGPT's figure on Tiny Shakespeare: {TARGET})"
     )
+    speeds = [row["tokens_per_s"] for row in result.evals if row["tokens_per_s"]]
+    print(f"training steps alone: {sum(speeds) / len(speeds):,.0f} tokens/s on average")
     print(
         f"wall time {wall:.1f} s, {tokens / wall:,.0f} tokens/s overall "
         f"(threads={args.threads}, device={args.device})"
