@@ -116,9 +116,16 @@ def _sample(args: argparse.Namespace) -> int:
     ids = tokenizer.encode(args.prompt)
     if not ids:
         raise ValueError("the prompt is empty: give at least one character")
-    torch.manual_seed(args.seed)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
     idx = torch.tensor([ids], dtype=torch.long, device=device)  # (1, T)
-    out = model.generate(idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k)
+    out = model.generate(
+        idx,
+        args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        generator=generator,
+    )
     print(tokenizer.decode(out[0].tolist()))
     return 0
 
@@ -208,6 +215,12 @@ def _parser() -> argparse.ArgumentParser:
     sa.add_argument("--max-new-tokens", type=_positive(int), default=500)
     sa.add_argument("--temperature", type=_positive(float), default=0.8)
     sa.add_argument("--top-k", type=_positive(int), default=200)
+    sa.add_argument(
+        "--top-p",
+        type=float,
+        help="nucleus sampling: keep the likeliest tokens "
+        "up to this probability mass, in (0, 1] (default: off)",
+    )
     sa.add_argument("--seed", type=int, default=1337)
     sa.add_argument("--device", help="default: CUDA, then MPS, then CPU")
     sa.set_defaults(func=_sample)
