@@ -652,6 +652,15 @@ def _loop(run: _Run, progress: bool, resumed: bool) -> TrainResult:
     return result
 
 
+def _device(name: str | torch.device | None) -> torch.device:
+    """The device asked for (None: the default one), or a ValueError if this machine lacks it."""
+    device = torch.device(name) if name is not None else default_device()
+    present = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if not present.get(device.type, True):
+        raise ValueError(f"device {str(device)!r} is not available on this machine; try 'cpu'")
+    return device
+
+
 def train(
     config: TrainConfig,
     data_dir: str | Path,
@@ -674,7 +683,7 @@ def train(
         CheckpointError, ValueError: the checkpoint or data does not fit; TrainingDiverged.
     """
     data_dir, out_dir = Path(data_dir), Path(out_dir)
-    device = torch.device(config.device) if config.device else default_device()
+    device = _device(config.device)
     world, device = _setup_distributed(device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 tensor cores for float32 matmuls
@@ -690,7 +699,7 @@ def train(
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, dict]:
     """The trained model of a checkpoint (file or folder), in eval mode, and the checkpoint."""
-    state = load_checkpoint(path)
+    device, state = _device(device), load_checkpoint(path)
     model = GPT(GPTConfig(**state["model_config"]))
     model.load_state_dict(_plain_names(state["model"]))
     return model.to(device).eval(), state

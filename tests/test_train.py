@@ -334,6 +334,15 @@ def test_resume_refuses_a_different_model_and_fresh_runs_refuse_to_overwrite(dat
         train(tiny_config(), data_dir, tmp_path / "empty", resume=True, progress=False)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_missing_device_is_a_clear_error(data_dir, tmp_path):
+    with pytest.raises(ValueError, match="'cuda' is not available"):
+        train(tiny_config(device="cuda"), data_dir, tmp_path, progress=False)
+    train(tiny_config(max_iters=1, eval_iters=1), data_dir, tmp_path, progress=False)
+    with pytest.raises(ValueError, match="'cuda' is not available"):
+        load_model(tmp_path, device="cuda")
+
+
 def test_load_model_and_tokenizer_generate_text(data_dir, tmp_path):
     train(tiny_config(max_iters=2, eval_iters=1), data_dir, tmp_path, progress=False)
     model, state = load_model(tmp_path)
@@ -438,6 +447,12 @@ def test_ddp_on_two_processes_matches_one_process(data_dir, tmp_path, monkeypatc
         device="cpu",
     )
     train(config, data_dir, tmp_path / "single", progress=False)
+    # The two processes each evaluated half of the fixed batches and added up the sums.
+    monkeypatch.undo()  # the real Batches again
+    model, _ = load_model(tmp_path / "ddp")
+    val = train_mod._fixed_batches(data_dir, "val", config, torch.device("cpu"))
+    ddp_val = read_metrics(tmp_path / "ddp")[-1]["val_loss"]
+    assert train_mod.estimate_loss(model, val) == pytest.approx(ddp_val, abs=1e-5)
     a, b = weights(tmp_path / "ddp"), weights(tmp_path / "single")
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6)
