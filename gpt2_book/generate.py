@@ -108,15 +108,19 @@ def new_kv_cache(model: GPT, batch_size: int, max_len: int) -> list[tuple[Tensor
     """Empty cache buffers for `GPT.forward(..., caches=...)`, allocated once.
 
     Args:
-        model: the GPT whose layers will fill it (sizes, device and dtype are read from it).
+        model: the GPT whose layers will fill it (sizes, device and dtype are read from it,
+            the dtype from autocast when it is on).
         batch_size: B; max_len: S_max, the most positions the cache will hold.
 
     Returns:
         One (k, v) pair per layer, each (B, nh, S_max, hs), uninitialised.
     """
-    c, weight = model.config, model.lm_head.weight
+    c, device = model.config, model.lm_head.weight.device
+    dtype = model.lm_head.weight.dtype
+    if torch.is_autocast_enabled(device.type):  # keys and values come out in autocast's dtype
+        dtype = torch.get_autocast_dtype(device.type)
     shape = (batch_size, c.n_head, max_len, c.head_size)
-    like = {"dtype": weight.dtype, "device": weight.device}
+    like = {"dtype": dtype, "device": device}
     return [(torch.empty(shape, **like), torch.empty(shape, **like)) for _ in range(c.n_layer)]
 
 

@@ -231,6 +231,15 @@ def test_zero_new_tokens_returns_the_prompt(tiny_config, seed):
     assert torch.equal(generate(model, prompt, 0), prompt)
 
 
+def test_cache_follows_autocast_dtype(tiny_config, seed):
+    model = _model(tiny_config, "rope")
+    prompt = torch.randint(0, tiny_config.vocab_size, (2, 5))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert all(k.dtype == torch.bfloat16 for k, _ in new_kv_cache(model, 2, 8))
+        out = generate(model, prompt, 10, temperature=0)  # no float32 / bfloat16 mix-up in SDPA
+    assert out.shape == (2, 15)
+
+
 def test_rope_table_grown_while_generating_still_trains(tiny_config, seed):
     model = _model(tiny_config, "rope")
     generate(model, torch.zeros(1, 1, dtype=torch.long), 2 * tiny_config.block_size)
