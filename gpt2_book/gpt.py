@@ -33,7 +33,7 @@ class GPTConfig:
 
     vocab_size: int = 50257  # GPT-2's BPE vocabulary; 50304 (a multiple of 64) is a bit faster
     block_size: int = 1024  # context length used in training; rows of wpe in learned mode
-    n_layer: int = 12
+    n_layer: int = 12  # depth, heads and width of GPT-2 small
     n_head: int = 12
     n_embd: int = 768
     head_dim: int | None = None  # width hs of one head's q, k and v; None means n_embd // n_head
