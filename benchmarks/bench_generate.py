@@ -15,10 +15,15 @@ Targets (issue 5): on the GPT-2-shaped model, cached >= 5x uncached; on both mod
 cached at least as fast as Hugging Face's (aim >= 1.2x on the small one, where per-token Python
 overhead dominates).
 
+`use_cache=False` changes nothing but the cache: it still scores only the last position. With
+`--naive` the script also times, once, the loop of chapter 05 (`greedy_loop`), which recomputes
+everything *and* scores every position at every step, as a naive implementation does.
+
 Usage::
 
-    python benchmarks/bench_generate.py            # about 2 minutes on one core
+    python benchmarks/bench_generate.py            # about 3 minutes on one core
     python benchmarks/bench_generate.py --quick    # fewer repetitions
+    python benchmarks/bench_generate.py --naive    # plus chapter 05's loop (2 more minutes)
 """
 
 from __future__ import annotations
@@ -82,13 +87,21 @@ def build_models(shape: Shape) -> tuple[GPT, GPT2LMHeadModel]:
     return ours, hf_model
 
 
+def greedy_loop(model: GPT, idx: torch.Tensor, n: int) -> torch.Tensor:
+    """Chapter 05's naive loop: the whole context again, all positions scored, every step."""
+    for _ in range(n):
+        logits = model(idx[:, -model.config.block_size :])[0][:, -1, :]  # (B, V)
+        idx = torch.cat([idx, logits.argmax(dim=-1, keepdim=True)], dim=1)  # (B, T + 1)
+    return idx
+
+
 def cpu_seconds(fn: Callable[[], torch.Tensor]) -> tuple[float, torch.Tensor]:
     t0 = time.process_time()
     out = fn()
     return time.process_time() - t0, out
 
 
-def run(shape: Shape, quick: bool) -> bool:
+def run(shape: Shape, quick: bool, naive: bool) -> bool:
     ours, hf_model = build_models(shape)
     prompt = torch.randint(0, shape.V, (1, PROMPT), generator=torch.Generator().manual_seed(1))
     runs = {
@@ -127,16 +140,23 @@ def run(shape: Shape, quick: bool) -> bool:
     ok = same and hf_ratio >= shape.target_hf and cache_ratio >= shape.target_uncached
     print(f"  cached / uncached: {cache_ratio:6.2f}x  (target >= {shape.target_uncached})")
     print(f"  ours / Hugging Face: {hf_ratio:5.2f}x  (target >= {shape.target_hf})")
+    if naive:
+        with torch.no_grad():
+            t, out = cpu_seconds(lambda: greedy_loop(ours, prompt, NEW))
+        print(f"  chapter 05's naive loop: {NEW / t:.1f} tokens/s (1 run, same tokens: "
+              f"{torch.equal(out, outputs['ours, cached'])}); cached / naive: "
+              f"{t / med['ours, cached']:.1f}x")  # fmt: skip
     return ok
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer repetitions")
+    parser.add_argument("--naive", action="store_true", help="also time chapter 05's loop once")
     args = parser.parse_args()
     torch.set_num_threads(1)
     hf_logging.set_verbosity_error()
-    results = [run(shape, args.quick) for shape in SHAPES]
+    results = [run(shape, args.quick, args.naive) for shape in SHAPES]
     print("\nall targets met" if all(results) else "\nSOME TARGETS MISSED")
 
 
