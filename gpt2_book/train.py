@@ -6,6 +6,7 @@ The code of the chapter `notebooks/07_training.ipynb`, which explains every line
 """
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -108,6 +109,13 @@ def _check(config: object, name: str, ok: bool, what: str) -> None:
         raise ValueError(f"{type(config).__name__}.{name} = {value!r} {what}")
 
 
+def _is_device(name: str | None) -> bool:
+    try:
+        return name is None or isinstance(torch.device(name), torch.device)
+    except RuntimeError:  # not a device string at all
+        return False
+
+
 @dataclass
 class TrainConfig:
     """Everything a training run needs except the data and where to write.
@@ -146,54 +154,33 @@ class TrainConfig:
     dtype: str = "auto"  # "auto": bfloat16 (else float16) autocast on CUDA, float32 elsewhere
     compile: bool = False  # torch.compile the model: slow to start, faster on GPUs
 
-    def __post_init__(self):
-        for name in (
-            "n_layer",
-            "n_head",
-            "n_embd",
-            "block_size",
-            "batch_size",
-            "grad_accum_steps",
-            "max_iters",
-            "lr_decay_iters",
-            "eval_interval",
-            "eval_iters",
-        ):
+    def __post_init__(self) -> None:
+        counts = ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "grad_accum_steps")
+        for name in counts + ("max_iters", "lr_decay_iters", "eval_interval", "eval_iters"):
             _check(self, name, getattr(self, name) >= 1, "must be at least 1")
-        _check(self, "n_embd", self.n_embd % self.n_head == 0, "must be a multiple of n_head")
-        _check(self, "dropout", 0 <= self.dropout < 1, "must be in [0, 1)")
-        _check(
-            self,
-            "pos_encoding",
-            self.pos_encoding in ("rope", "learned"),
-            "must be 'rope' or 'learned'",
-        )
-        _check(self, "learning_rate", self.learning_rate > 0, "must be positive")
-        _check(
-            self,
-            "min_lr",
-            0 <= self.min_lr <= self.learning_rate,
-            "must be between 0 and learning_rate",
-        )
-        _check(
-            self,
-            "warmup_iters",
-            0 <= self.warmup_iters <= self.lr_decay_iters,
-            "must be between 0 and lr_decay_iters",
-        )
-        _check(self, "weight_decay", self.weight_decay >= 0, "must not be negative")
-        for name in ("beta1", "beta2"):
-            _check(self, name, 0 <= getattr(self, name) < 1, "must be in [0, 1)")
-        _check(self, "grad_clip", self.grad_clip >= 0, "must not be negative (0 turns it off)")
-        _check(self, "dtype", self.dtype in _DTYPES, f"must be one of {sorted(_DTYPES)}")
-        if self.device is not None:
-            try:
-                torch.device(self.device)
-            except RuntimeError:
-                _check(self, "device", False, "must be a device such as 'cpu' or 'cuda:0'")
+        rules = [  # (field, whether its value is fine, what it must be)
+            ("n_embd", self.n_embd % self.n_head == 0, "must be a multiple of n_head"),
+            ("dropout", 0 <= self.dropout < 1, "must be in [0, 1)"),
+            ("pos_encoding", self.pos_encoding in ("rope", "learned"), "must be rope or learned"),
+            ("learning_rate", self.learning_rate > 0, "must be positive"),
+            ("min_lr", 0 <= self.min_lr <= self.learning_rate, "must be in [0, learning_rate]"),
+            (
+                "warmup_iters",
+                0 <= self.warmup_iters <= self.lr_decay_iters,
+                "must be in [0, lr_decay_iters]",
+            ),
+            ("weight_decay", self.weight_decay >= 0, "must not be negative"),
+            ("beta1", 0 <= self.beta1 < 1, "must be in [0, 1)"),
+            ("beta2", 0 <= self.beta2 < 1, "must be in [0, 1)"),
+            ("grad_clip", self.grad_clip >= 0, "must not be negative (0 turns clipping off)"),
+            ("dtype", self.dtype in _DTYPES, f"must be one of {', '.join(_DTYPES)}"),
+            ("device", _is_device(self.device), "must be None or a device like 'cpu', 'cuda:0'"),
+        ]
+        for name, ok, what in rules:
+            _check(self, name, ok, what)
 
     @classmethod
-    def from_preset(cls, name: str, **overrides) -> "TrainConfig":
+    def from_preset(cls, name: str, **overrides: object) -> "TrainConfig":
         """A preset ("shakespeare-char-cpu", "shakespeare-char", "gpt2-small") with overrides."""
         if name not in _PRESETS:
             raise ValueError(f"unknown preset {name!r}: choose one of {', '.join(_PRESETS)}")
@@ -244,7 +231,7 @@ def _autocast(device: torch.device, dtype: torch.dtype | None) -> Callable:
     """A factory of autocast contexts (or of no-op contexts for float32)."""
     if dtype is None:
         return contextlib.nullcontext
-    return lambda: torch.autocast(device_type=device.type, dtype=dtype)
+    return functools.partial(torch.autocast, device_type=device.type, dtype=dtype)
 
 
 def _fixed_batches(
