@@ -673,8 +673,7 @@ def train(
     device = _device(config.device)
     world, device = _setup_distributed(device)
     if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 tensor cores for float32 matmuls
-        torch.backends.cudnn.allow_tf32 = True
+        torch.set_float32_matmul_precision("high")  # float32 matmuls on TF32 tensor cores
     try:
         run = _setup(config, data_dir, out_dir, resume, world, device)
         _start_outputs(run, resume)
