@@ -1,14 +1,17 @@
-"""The command line: ``python -m gpt2_book`` (or ``gpt2-book``) prepare / train / sample.
+"""The command line: ``python -m gpt2_book`` (or ``gpt2-book``) prepare / train / sample /
+evaluate.
 
 Hand-written, not exported from a chapter: it only parses arguments and calls the package
-(`gpt2_book.data.prepare`, `gpt2_book.train.train`, `gpt2_book.train.load_model`), which the
-chapters `06_data` and `07_training` explain. Mistakes in the arguments, the files or the
+(`gpt2_book.data.prepare`, `gpt2_book.train.train`, `gpt2_book.train.load_model`,
+`gpt2_book.evaluate.loss_per_position`), which the chapters `06_data`, `07_training` and
+`09_experiments` explain. Mistakes in the arguments, the files or the
 settings end with one line on stderr and exit code 2, never a traceback.
 
     gpt2-book                     # = gpt2-book train: the CPU preset on the shipped Shakespeare
     gpt2-book prepare --input my.txt --tokenizer gpt2 --out-dir data/mine
     gpt2-book train --preset shakespeare-char --data data/mine --out-dir out/mine
     gpt2-book sample --checkpoint out/mine --prompt "ROMEO:"
+    gpt2-book evaluate --checkpoint out/mine --input data/mine/val.bin --context 256
     torchrun --standalone --nproc_per_node=8 -m gpt2_book train --preset gpt2-small ...
 """
 
@@ -130,6 +133,44 @@ def _sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluate(args: argparse.Namespace) -> int:
+    import torch
+
+    from gpt2_book.evaluate import load_tokens, loss_per_position, perplexity, rescale_rope
+    from gpt2_book.train import load_model, tokenizer_for
+    from gpt2_book.utils import default_device
+
+    device = torch.device(args.device) if args.device else default_device()
+    model, state = load_model(args.checkpoint, device)
+    if args.rope_scale is not None or args.rope_base is not None:
+        model = rescale_rope(model, args.rope_scale or 1.0, args.rope_base)
+    if args.input.suffix == ".bin":  # token ids written by `prepare`
+        tokens = load_tokens(args.input)
+    else:  # text, tokenized as the model was trained
+        text = args.input.read_text(encoding="utf-8")
+        tokens = torch.tensor(tokenizer_for(state).encode(text), dtype=torch.long)
+    losses = loss_per_position(
+        model,
+        tokens,
+        args.context,
+        window=args.window,
+        batch_size=args.batch_size,
+        max_windows=args.max_windows,
+    )
+    n = min((len(tokens) - 1) // args.context, args.max_windows or len(tokens))
+    print(
+        f"{args.input}: {n:,} windows of {args.context} tokens: mean loss "
+        f"{losses.mean():.4f}, perplexity {perplexity(losses):.2f}"
+    )
+    trained = model.config.block_size
+    if args.context > trained:
+        print(
+            f"positions < {trained} (trained length): {losses[:trained].mean():.4f}; "
+            f"positions >= {trained}: {losses[trained:].mean():.4f}"
+        )
+    return 0
+
+
 def _positive(kind: type) -> Callable[[str], int | float]:
     def parse(text: str):
         value = kind(text)
@@ -168,7 +209,7 @@ def _parser() -> argparse.ArgumentParser:
 
     parser = _Parser(
         prog="gpt2-book",
-        description="Prepare data, train a GPT, sample from it.",
+        description="Prepare data, train a GPT, sample from it, evaluate it.",
         epilog="With no command at all, runs `train` with its defaults.",
     )
     commands = parser.add_subparsers(dest="command", parser_class=_Parser, metavar="COMMAND")
@@ -224,6 +265,32 @@ def _parser() -> argparse.ArgumentParser:
     sa.add_argument("--seed", type=int, default=1337)
     sa.add_argument("--device", help="default: CUDA, then MPS, then CPU")
     sa.set_defaults(func=_sample)
+
+    ev = commands.add_parser("evaluate", help="loss per position and perplexity of a checkpoint")
+    ev.add_argument("--checkpoint", type=Path, required=True, help="a training out dir or ckpt.pt")
+    ev.add_argument(
+        "--input",
+        type=Path,
+        required=True,
+        help="a token file from `prepare` (e.g. val.bin), or a UTF-8 text file",
+    )
+    ev.add_argument("--context", type=_positive(int), required=True, help="window length T")
+    ev.add_argument(
+        "--window",
+        type=_positive(int),
+        help="sliding window: each prediction sees only its last N tokens "
+        "(default: the whole context; block_size for learned positions)",
+    )
+    ev.add_argument(
+        "--rope-scale",
+        type=_positive(float),
+        help="RoPE position scale, e.g. trained length / context",
+    )
+    ev.add_argument("--rope-base", type=_positive(float), help="a new RoPE base")
+    ev.add_argument("--batch-size", type=_positive(int), default=16)
+    ev.add_argument("--max-windows", type=_positive(int), help="default: all")
+    ev.add_argument("--device", help="default: CUDA, then MPS, then CPU")
+    ev.set_defaults(func=_evaluate)
     return parser
 
 
@@ -233,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv or ["train"])
     if args.command is None:
-        parser.error("choose a command: prepare, train or sample")
+        parser.error("choose a command: prepare, train, sample or evaluate")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from gpt2_book.train import CheckpointError, TrainingDiverged
 
