@@ -111,10 +111,9 @@ def _sample(args: argparse.Namespace) -> int:
     import torch
 
     from gpt2_book.train import load_model, tokenizer_for
-    from gpt2_book.utils import default_device
 
-    device = torch.device(args.device) if args.device else default_device()
-    model, state = load_model(args.checkpoint, device)
+    model, state = load_model(args.checkpoint, args.device)  # None: the default device
+    device = next(model.parameters()).device
     tokenizer = tokenizer_for(state)
     ids = tokenizer.encode(args.prompt)
     if not ids:

@@ -641,7 +641,10 @@ def _loop(run: _Run, progress: bool, resumed: bool) -> TrainResult:
 
 def _device(name: str | torch.device | None) -> torch.device:
     """The device asked for (None: the default one), or a ValueError if this machine lacks it."""
-    device = torch.device(name) if name is not None else default_device()
+    try:
+        device = torch.device(name) if name is not None else default_device()
+    except RuntimeError:
+        raise ValueError(f"{name!r} is not a device: try 'cpu', 'cuda' or 'cuda:1'") from None
     present = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
     if not present.get(device.type, True):
         raise ValueError(f"device {str(device)!r} is not available on this machine; try 'cpu'")
@@ -683,8 +686,11 @@ def train(
             dist.destroy_process_group()
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, dict]:
-    """The trained model of a checkpoint (file or folder), in eval mode, and the checkpoint."""
+def load_model(path: str | Path, device: str | torch.device | None = "cpu") -> tuple[GPT, dict]:
+    """The trained model of a checkpoint (file or folder), in eval mode, and the checkpoint.
+
+    `device` None means `default_device()`; a device this machine lacks is a ValueError.
+    """
     device, state = _device(device), load_checkpoint(path)
     model = GPT(GPTConfig(**state["model_config"]))
     model.load_state_dict(_plain_names(state["model"]))

@@ -116,6 +116,8 @@ def test_train_with_no_options_uses_the_cpu_preset_and_the_shipped_corpus(tmp_pa
         (["sample", "--checkpoint", "nowhere"], "no checkpoint"),
         (["sample", "--checkpoint", "fake.pt"], "not a PyTorch checkpoint"),
         (["sample", "--temperature", "-1"], "must be positive"),
+        (["sample", "--checkpoint", "nowhere", "--device", "gpu7"], "'gpu7' is not a device"),
+        (["train", "--device", "gpu7"], "TrainConfig.device = 'gpu7'"),
         (["frobnicate"], "invalid choice: 'frobnicate'"),
     ],
 )
