@@ -356,59 +356,29 @@ def test_load_model_and_tokenizer_generate_text(data_dir, tmp_path):
 # ---- several processes -----------------------------------------------------------------------
 
 
+DDP_RUN = dict(
+    n_layer=1, n_head=2, n_embd=16, block_size=16, batch_size=2, grad_accum_steps=4, max_iters=3,
+    eval_iters=2, eval_interval=2, warmup_iters=1, lr_decay_iters=3, learning_rate=1e-2,
+    min_lr=1e-3, device="cpu",
+)  # fmt: skip
+
+
+def torchrun(data_dir: Path, out_dir: Path, *extra: str) -> None:
+    """`torchrun --nproc_per_node=2 -m gpt2_book train` with DDP_RUN's settings, on CPU (gloo)."""
+    settings = [x for k, v in DDP_RUN.items() for x in ("--" + k.replace("_", "-"), str(v))]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "gpt2_book", "train", "--data", str(data_dir), "--out-dir", str(out_dir),
+           "--no-progress", *settings, *extra]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
 def test_ddp_on_two_processes_matches_one_process(data_dir, tmp_path, monkeypatch):
     """torchrun, gloo, 2 CPU processes x 2 micro-batches == 1 process x 4 micro-batches that
     sees the same windows (rank 0's, rank 1's, rank 0's, ...)."""
-    args = [
-        "--n-layer",
-        "1",
-        "--n-head",
-        "2",
-        "--n-embd",
-        "16",
-        "--block-size",
-        "16",
-        "--batch-size",
-        "2",
-        "--grad-accum-steps",
-        "4",
-        "--max-iters",
-        "3",
-        "--eval-iters",
-        "2",
-        "--eval-interval",
-        "3",
-        "--warmup-iters",
-        "1",
-        "--lr-decay-iters",
-        "3",
-        "--learning-rate",
-        "1e-2",
-        "--min-lr",
-        "1e-3",
-        "--device",
-        "cpu",
-    ]
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        "-m",
-        "gpt2_book",
-        "train",
-        "--data",
-        str(data_dir),
-        "--out-dir",
-        str(tmp_path / "ddp"),
-        "--no-progress",
-        *args,
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert len(load_checkpoint(tmp_path / "ddp")["ranks"]) == 2
+    torchrun(data_dir, tmp_path / "ddp")
+    assert len(load_checkpoint(tmp_path / "ddp")["ranks"]) == 2  # each rank's sampler state
 
     class Interleaved:  # one process drawing the windows both ranks drew, in turn
         def __init__(self, data_dir, split, batch_size, block_size, device, seed=0, **ignored):
@@ -429,33 +399,27 @@ def test_ddp_on_two_processes_matches_one_process(data_dir, tmp_path, monkeypatc
             pass
 
     monkeypatch.setattr(train_mod, "Batches", Interleaved)
-    config = TrainConfig.from_preset(
-        "shakespeare-char-cpu",
-        n_layer=1,
-        n_head=2,
-        n_embd=16,
-        block_size=16,
-        batch_size=2,
-        grad_accum_steps=4,
-        max_iters=3,
-        eval_iters=2,
-        eval_interval=3,
-        warmup_iters=1,
-        lr_decay_iters=3,
-        learning_rate=1e-2,
-        min_lr=1e-3,
-        device="cpu",
-    )
+    config = TrainConfig.from_preset("shakespeare-char-cpu", **DDP_RUN)
     train(config, data_dir, tmp_path / "single", progress=False)
-    # The two processes each evaluated half of the fixed batches and added up the sums.
-    monkeypatch.undo()  # the real Batches again
-    model, _ = load_model(tmp_path / "ddp")
-    val = train_mod._fixed_batches(data_dir, "val", config, torch.device("cpu"))
-    ddp_val = read_metrics(tmp_path / "ddp")[-1]["val_loss"]
-    assert train_mod.estimate_loss(model, val) == pytest.approx(ddp_val, abs=1e-5)
     a, b = weights(tmp_path / "ddp"), weights(tmp_path / "single")
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6)
     torch.manual_seed(config.seed)
     init = GPT(config.model_config(read_meta(data_dir)["vocab_size"])).state_dict()
     assert not torch.equal(a["lm_head.weight"], init["lm_head.weight"])  # it did train
+    # The two processes each evaluated half of the fixed batches and added up the sums.
+    monkeypatch.undo()  # the real Batches again
+    model, _ = load_model(tmp_path / "ddp")
+    val = train_mod._fixed_batches(data_dir, "val", config, torch.device("cpu"))
+    ddp_val = read_metrics(tmp_path / "ddp")[-1]["val_loss"]
+    assert train_mod.estimate_loss(model, val) == pytest.approx(ddp_val, abs=1e-5)
+
+
+def test_ddp_resume_is_exact(data_dir, tmp_path):
+    """Two processes: 2 steps, stop, resume to 3 == 3 steps straight (each rank's sampler and
+    RNG state come back from the checkpoint)."""
+    dropout = ("--dropout", "0.1")  # so that each rank's RNG state matters too
+    torchrun(data_dir, tmp_path / "straight", *dropout)
+    torchrun(data_dir, tmp_path / "resumed", *dropout, "--max-iters", "2")
+    torchrun(data_dir, tmp_path / "resumed", *dropout, "--resume")
+    assert_same_weights(weights(tmp_path / "resumed"), weights(tmp_path / "straight"))
