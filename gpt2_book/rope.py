@@ -44,16 +44,22 @@ class RotaryEmbedding(nn.Module):
             raise ValueError(f"scale must be positive, got {scale}")
         self.head_dim, self.base, self.scale = head_dim, float(base), float(scale)
         cos, sin = self._tables(max_seq_len, torch.device("cpu"))
-        self.register_buffer("cos", cos, persistent=False)  # (max_seq_len, hs/2)
-        self.register_buffer("sin", sin, persistent=False)  # (max_seq_len, hs/2)
+        self.register_buffer("cos", cos, persistent=False)  # (max_seq_len, hs)
+        self.register_buffer("sin", sin, persistent=False)  # (max_seq_len, hs), signed
 
     def _tables(self, seq_len: int, device: torch.device) -> tuple[Tensor, Tensor]:
-        # float64 keeps the phase m * theta accurate at large m; stored as float32.
-        exponents = torch.arange(0, self.head_dim, 2, dtype=torch.float64) / self.head_dim
+        # float64 keeps the phase m * theta accurate at large m; the tables are stored in float32,
+        # full width with the sine's sign folded in (one cat in forward instead of four products
+        # on halves). Built on the CPU explicitly, so it also works under torch.device("meta").
+        cpu = torch.device("cpu")
+        exponents = torch.arange(0, self.head_dim, 2, dtype=torch.float64, device=cpu)
+        exponents = exponents / self.head_dim
         theta = self.base**-exponents  # (hs/2,)
-        positions = torch.arange(seq_len, dtype=torch.float64) * self.scale  # (T,)
+        positions = torch.arange(seq_len, dtype=torch.float64, device=cpu) * self.scale  # (T,)
         angles = torch.outer(positions, theta)  # (T, hs/2)
-        return angles.cos().float().to(device), angles.sin().float().to(device)
+        cos = torch.cat([angles.cos(), angles.cos()], dim=-1)  # (T, hs)
+        sin = torch.cat([-angles.sin(), angles.sin()], dim=-1)  # (T, hs)
+        return cos.float().to(device), sin.float().to(device)
 
     def forward(self, x: Tensor, start_pos: int = 0) -> Tensor:
         if x.shape[-1] != self.head_dim:
@@ -65,7 +71,9 @@ class RotaryEmbedding(nn.Module):
         end = start_pos + x.shape[-2]
         if end > self.cos.shape[0]:  # grow (at least double) instead of failing or wrapping
             self.cos, self.sin = self._tables(max(end, 2 * self.cos.shape[0]), self.cos.device)
-        cos = self.cos[start_pos:end].to(x.dtype)  # (T, hs/2), broadcast over B and nh
-        sin = self.sin[start_pos:end].to(x.dtype)
+        cos = self.cos[start_pos:end].to(x.dtype)  # (T, hs), broadcast over B and nh
+        sin = self.sin[start_pos:end].to(x.dtype)  # (T, hs): [-sin, +sin]
         x1, x2 = x.chunk(2, dim=-1)  # (B, nh, T, hs/2) each
-        return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)  # (B, nh, T, hs)
+        swapped = torch.cat([x2, x1], dim=-1)  # (B, nh, T, hs): each pair's partner
+        # first half: x1 cos - x2 sin; second half: x2 cos + x1 sin (a 2-D rotation per pair)
+        return x * cos + swapped * sin  # (B, nh, T, hs)
