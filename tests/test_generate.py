@@ -9,6 +9,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+import transformers
 from torch.testing import assert_close
 
 from gpt2_book.generate import (
@@ -93,7 +94,6 @@ def test_kv_cache_shapes_and_memory(tiny_config):
 
 
 def test_matches_hugging_face_greedy_generation(seed):
-    transformers = pytest.importorskip("transformers")
     hf_config = transformers.GPT2Config(
         n_layer=2, n_head=4, n_embd=64, vocab_size=100, n_positions=64, pad_token_id=0,
         bos_token_id=None, eos_token_id=None,

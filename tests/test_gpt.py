@@ -10,8 +10,10 @@ import math
 import sys
 from dataclasses import replace
 
+import huggingface_hub
 import pytest
 import torch
+import transformers
 from torch.testing import assert_close
 
 from gpt2_book.gpt import GPT, GPTConfig
@@ -29,7 +31,6 @@ def _random_ids(config: GPTConfig, B: int = 2, T: int = 16) -> torch.Tensor:
 @pytest.fixture
 def hf_checkpoint(tmp_path, seed):
     """A small random GPT2LMHeadModel, saved as config.json + model.safetensors."""
-    transformers = pytest.importorskip("transformers")
     hf_config = transformers.GPT2Config(
         n_layer=2,
         n_head=4,
@@ -120,7 +121,6 @@ def test_from_pretrained_errors(tmp_path, hf_checkpoint):
 
 def test_from_pretrained_downloads_hub_names(hf_checkpoint, monkeypatch):
     """A name that is not a local directory goes to the hub (faked here: no internet)."""
-    huggingface_hub = pytest.importorskip("huggingface_hub")
     hf_model, path = hf_checkpoint
     asked = []
 
