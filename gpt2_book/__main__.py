@@ -110,9 +110,10 @@ def _train(args: argparse.Namespace) -> int:
 def _sample(args: argparse.Namespace) -> int:
     import torch
 
-    from gpt2_book.train import load_model, tokenizer_for
+    from gpt2_book.checkpoint import load_model, tokenizer_for
+    from gpt2_book.generate import generate
 
-    model, state = load_model(args.checkpoint, args.device)  # None: the default device
+    model, state = load_model(args.checkpoint, device=args.device)  # None: the default device
     device = next(model.parameters()).device
     tokenizer = tokenizer_for(state)
     ids = tokenizer.encode(args.prompt)
@@ -120,9 +121,10 @@ def _sample(args: argparse.Namespace) -> int:
         raise ValueError("the prompt is empty: give at least one character")
     generator = torch.Generator(device=device).manual_seed(args.seed)
     idx = torch.tensor([ids], dtype=torch.long, device=device)  # (1, T)
-    out = model.generate(
+    out = generate(
+        model,
         idx,
-        args.max_new_tokens,
+        max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
         top_k=args.top_k,
         top_p=args.top_p,
@@ -135,14 +137,12 @@ def _sample(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     import torch
 
+    from gpt2_book.checkpoint import load_model, tokenizer_for
     from gpt2_book.evaluate import load_tokens, loss_per_position, perplexity, rescale_rope
-    from gpt2_book.train import load_model, tokenizer_for
-    from gpt2_book.utils import default_device
 
-    device = torch.device(args.device) if args.device else default_device()
-    model, state = load_model(args.checkpoint, device)
+    model, state = load_model(args.checkpoint, device=args.device)  # None: the default device
     if args.rope_scale is not None or args.rope_base is not None:
-        model = rescale_rope(model, args.rope_scale or 1.0, args.rope_base)
+        model = rescale_rope(model, scale=args.rope_scale or 1.0, base=args.rope_base)
     if args.input.suffix == ".bin":  # token ids written by `prepare`
         tokens = load_tokens(args.input)
     else:  # text, tokenized as the model was trained

@@ -6,6 +6,7 @@ The code of the chapter `notebooks/02_attention.ipynb`, which explains every lin
 """
 
 import math
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -13,7 +14,7 @@ from torch import Tensor, nn
 
 from gpt2_book.rope import RotaryEmbedding
 
-__all__ = ["manual_attention", "CausalSelfAttention"]
+__all__ = ["manual_attention", "KVCacheLike", "CausalSelfAttention"]
 
 
 def manual_attention(
@@ -24,7 +25,7 @@ def manual_attention(
     Args:
         q: queries, (B, nh, T, hs).
         k: keys, (B, nh, S, hs), S >= T: the queries are the last T of the S positions
-            (S > T when earlier keys come from a cache, chapter 08).
+            (S > T when earlier keys come from a cache, chapter 09).
         v: values, (B, nh, S, hs).
         dropout: applied to the attention weights in training, or None.
 
@@ -65,20 +66,13 @@ def _head_dim(
     return head_dim
 
 
-def _update_cache(
-    cache: tuple[Tensor, Tensor], k: Tensor, v: Tensor, start_pos: int
-) -> tuple[Tensor, Tensor]:
-    """Write k, v (B, nh, T, hs) at positions start_pos.. of the cache; return all S so far."""
-    k_cache, v_cache = cache  # (B, nh, S_max, hs) each, allocated once by the caller
-    end = start_pos + k.size(2)
-    if end > k_cache.size(2) or k_cache.shape[:2] != k.shape[:2]:
-        raise ValueError(
-            f"cache of shape {tuple(k_cache.shape)} cannot hold positions {start_pos}..{end - 1} "
-            f"of {k.size(0)} sequences with {k.size(1)} heads: allocate (B, nh, S_max, hs)"
-        )
-    k_cache[:, :, start_pos:end] = k
-    v_cache[:, :, start_pos:end] = v
-    return k_cache[:, :, :end], v_cache[:, :, :end]  # (B, nh, S, hs) views, S = end
+class KVCacheLike(Protocol):
+    """What `CausalSelfAttention.forward` needs from a key-value cache (chapter 09 writes one)."""
+
+    def update(self, k: Tensor, v: Tensor, start_pos: int) -> tuple[Tensor, Tensor]:
+        """Write k, v, each (B, nh, T, hs), at positions start_pos..; return the keys and
+        values of all S positions so far, each (B, nh, S, hs)."""
+        ...
 
 
 class CausalSelfAttention(nn.Module):
@@ -97,20 +91,23 @@ class CausalSelfAttention(nn.Module):
         dropout: dropout probability on the attention weights and on the output.
         rope: a RotaryEmbedding applied to q and k (shared by all layers), or None when
             positions are added to the embeddings instead.
+        fast: True: PyTorch's fused attention kernel; False: `manual_attention`, step by step.
 
-    Shapes: forward maps x (B, T, C) to (B, T, C). ``forward(x, start_pos, cache)``: the
-    tokens of x sit at positions start_pos.. (for RoPE); cache, a pair of (B, nh, S_max, hs)
-    tensors, receives their keys and values and supplies those of earlier positions.
+    Shapes: forward maps x (B, T, C) to (B, T, C). The tokens of x sit at positions
+    start_pos.. (for RoPE); a kv_cache receives their keys and values and returns those of
+    all S positions so far (generation, chapter 09).
     """
 
     def __init__(
         self,
+        *,
         n_embd: int,
         n_head: int,
         head_dim: int | None = None,
         bias: bool = True,
         dropout: float = 0.0,
         rope: RotaryEmbedding | None = None,
+        fast: bool = True,
     ) -> None:
         super().__init__()
         self.n_head = n_head
@@ -120,30 +117,43 @@ class CausalSelfAttention(nn.Module):
         self.attn_dropout = nn.Dropout(dropout)
         self.resid_dropout = nn.Dropout(dropout)
         self.rope = rope
-        self.fast = True  # False: the step-by-step manual_attention, for reading and testing
+        self.fast = fast
 
-    def forward(
-        self, x: Tensor, start_pos: int = 0, cache: tuple[Tensor, Tensor] | None = None
-    ) -> Tensor:
-        B, T, C = x.shape
+    def qkv(self, x: Tensor, start_pos: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+        """Queries, keys and values of x (B, T, C), each (B, nh, T, hs); q and k rotated for
+        positions start_pos .. start_pos + T - 1 when the module has a rope."""
+        B, T, _ = x.shape
         nh, hs = self.n_head, self.head_dim
         q, k, v = self.c_attn(x).split(nh * hs, dim=2)  # 3 x (B, T, nh * hs)
         q = q.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
-        if self.rope is not None:  # positions start_pos .. start_pos + T - 1
+        if self.rope is not None:
             q, k = self.rope(q, start_pos), self.rope(k, start_pos)
-        if cache is not None:  # earlier positions' keys and values join the new ones
-            k, v = _update_cache(cache, k, v, start_pos)  # (B, nh, S, hs), S = start_pos + T
+        return q, k, v
+
+    def forward(
+        self, x: Tensor, *, start_pos: int = 0, kv_cache: KVCacheLike | None = None
+    ) -> Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv(x, start_pos)  # (B, nh, T, hs) each
+        if kv_cache is not None:  # earlier positions' keys and values join the new ones
+            k, v = kv_cache.update(k, v, start_pos)  # (B, nh, S, hs), S = start_pos + T
         if self.fast:
-            p = self.attn_dropout.p if self.training else 0.0
-            S, mask = k.size(2), None  # S == T: is_causal; T == 1: one query reads every key
-            if T not in (1, S):  # is_causal aligns its triangle top-left, wrong when S > T
-                mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)  # (T, S)
-            y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, dropout_p=p, is_causal=S == T
-            )
+            y = self._sdpa(q, k, v)  # (B, nh, T, hs)
         else:
             y, _ = manual_attention(q, k, v, self.attn_dropout)  # (B, nh, T, hs)
-        y = y.transpose(1, 2).reshape(B, T, nh * hs)  # (B, T, nh * hs): heads side by side
+        y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, nh * hs): heads side by side
         return self.resid_dropout(self.c_proj(y))  # (B, T, C)
+
+    def _sdpa(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """Fused causal attention; the T queries are the last T of the S keys' positions."""
+        T, S = q.size(2), k.size(2)
+        p = self.attn_dropout.p if self.training else 0.0
+        mask = None  # S == T: is_causal; T == 1: one query reads every key
+        if T not in (1, S):  # is_causal aligns its triangle top-left, wrong when S > T
+            mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)  # (T, S)
+        causal = S == T
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal
+        )

@@ -7,7 +7,7 @@ The code of the chapter `notebooks/04_block.ipynb`, which explains every line.
 
 from torch import Tensor, nn
 
-from gpt2_book.attention import CausalSelfAttention
+from gpt2_book.attention import CausalSelfAttention, KVCacheLike
 from gpt2_book.mlp import MLP
 from gpt2_book.rope import RotaryEmbedding
 
@@ -28,13 +28,15 @@ class Block(nn.Module):
         bias: biases in the linear layers and the layer norms (GPT-2: True).
         dropout: dropout probability inside attention and the MLP.
         rope: a shared RotaryEmbedding for the attention, or None for learned positions.
+        fast: the attention's kernel: fused (True) or `manual_attention` (False).
 
-    Shapes: forward maps x (B, T, C) to (B, T, C); start_pos and cache go to the attention
+    Shapes: forward maps x (B, T, C) to (B, T, C); start_pos and kv_cache go to the attention
     (see `CausalSelfAttention`).
     """
 
     def __init__(
         self,
+        *,
         n_embd: int,
         n_head: int,
         head_dim: int | None = None,
@@ -42,19 +44,28 @@ class Block(nn.Module):
         bias: bool = True,
         dropout: float = 0.0,
         rope: RotaryEmbedding | None = None,
+        fast: bool = True,
     ) -> None:
         super().__init__()
         # Sub-layers first: they validate the arguments and name the wrong one.
-        attn = CausalSelfAttention(n_embd, n_head, head_dim, bias, dropout, rope)
-        mlp = MLP(n_embd, mlp_ratio, bias, dropout)
+        attn = CausalSelfAttention(
+            n_embd=n_embd,
+            n_head=n_head,
+            head_dim=head_dim,
+            bias=bias,
+            dropout=dropout,
+            rope=rope,
+            fast=fast,
+        )
+        mlp = MLP(n_embd=n_embd, mlp_ratio=mlp_ratio, bias=bias, dropout=dropout)
         self.ln_1 = nn.LayerNorm(n_embd, bias=bias)
         self.attn = attn
         self.ln_2 = nn.LayerNorm(n_embd, bias=bias)
         self.mlp = mlp
 
     def forward(
-        self, x: Tensor, start_pos: int = 0, cache: tuple[Tensor, Tensor] | None = None
+        self, x: Tensor, *, start_pos: int = 0, kv_cache: KVCacheLike | None = None
     ) -> Tensor:
-        x = x + self.attn(self.ln_1(x), start_pos, cache)  # tokens exchange information
+        x = x + self.attn(self.ln_1(x), start_pos=start_pos, kv_cache=kv_cache)  # tokens talk
         x = x + self.mlp(self.ln_2(x))  # each token is processed on its own
         return x  # (B, T, C)

@@ -163,18 +163,15 @@ def _split(ids: np.ndarray, val_fraction: float, block_size: int) -> tuple[np.nd
     return ids[:n_train], ids[n_train:]
 
 
-FORMAT_VERSION = 1  # bump when the layout of train.bin / val.bin / meta.json changes
+FORMAT_VERSION = 2  # bump when the files' layout changes; 2 added the token files' sha256
 TOKENIZERS = ("char", "gpt2")
-
-
-def _tokenizer_from_meta(meta: dict) -> CharTokenizer | GPT2Tokenizer:
-    return CharTokenizer(meta["chars"]) if meta["tokenizer"] == "char" else GPT2Tokenizer()
 
 
 def _read_source(path: Path) -> tuple[str, str]:
     """The file's text and sha256, or a ValueError that says what is wrong with it."""
     if not path.is_file():
-        raise ValueError(f"{path}: no such file (give a UTF-8 text file, or none for Shakespeare)")
+        problem = "a folder, not a file" if path.is_dir() else "no such file"
+        raise ValueError(f"{path}: {problem} (give a UTF-8 text file, or none for Shakespeare)")
     raw = path.read_bytes()
     try:
         text = raw.decode("utf-8")
@@ -188,17 +185,43 @@ def _read_source(path: Path) -> tuple[str, str]:
     return text, hashlib.sha256(raw).hexdigest()
 
 
+# The entries of meta.json that the package relies on, and their types.
+_META_TYPES = {
+    "format_version": int,
+    "tokenizer": str,
+    "chars": (str, type(None)),  # the character vocabulary; None for "gpt2"
+    "vocab_size": int,
+    "eot": (int, type(None)),  # the end-of-text id; None for "char"
+    "train_tokens": int,
+    "val_tokens": int,
+    "sha256": dict,  # {"train": ..., "val": ...}: hex digests of train.bin and val.bin
+}
+
+
+def _check_meta(meta: object, path: Path) -> None:
+    """Raise a ValueError naming `path` unless `meta` describes a dataset of this format."""
+    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path} is not a format-{FORMAT_VERSION} dataset: run prepare again")
+    for key, kind in _META_TYPES.items():
+        if key not in meta or isinstance(meta[key], bool) or not isinstance(meta[key], kind):
+            raise ValueError(f"{path}: {key!r} is missing or of the wrong type: run prepare again")
+    fits = {"char": (len(meta["chars"] or ""), None), "gpt2": (50257, 50256)}
+    if (meta["vocab_size"], meta["eot"]) != fits.get(meta["tokenizer"]):
+        raise ValueError(f"{path}: tokenizer, vocab_size and eot disagree: run prepare again")
+    if sorted(meta["sha256"]) != ["train", "val"]:
+        raise ValueError(f"{path}: 'sha256' must hold the digests of 'train' and 'val'")
+
+
 def read_meta(data_dir: str | Path) -> dict:
-    """The `meta.json` of a dataset written by `prepare`, after checking the token files."""
+    """The `meta.json` of a dataset written by `prepare`, after checking it and the token files."""
     data_dir = Path(data_dir)
     try:
-        meta = json.loads((data_dir / "meta.json").read_text())
+        meta = json.loads((data_dir / "meta.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         raise ValueError(
             f"{data_dir} is not a prepared dataset (no readable meta.json): run prepare first"
         ) from None
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{data_dir} was prepared by another version: run prepare again")
+    _check_meta(meta, data_dir / "meta.json")
     for split in ("train", "val"):
         path = data_dir / f"{split}.bin"
         if not path.is_file() or path.stat().st_size != 2 * meta[f"{split}_tokens"]:
@@ -208,39 +231,24 @@ def read_meta(data_dir: str | Path) -> dict:
 
 def load_tokenizer(data_dir: str | Path) -> CharTokenizer | GPT2Tokenizer:
     """The tokenizer a dataset was prepared with, rebuilt from its `meta.json`."""
-    return _tokenizer_from_meta(read_meta(data_dir))
+    meta = read_meta(data_dir)
+    return CharTokenizer(meta["chars"]) if meta["tokenizer"] == "char" else GPT2Tokenizer()
 
 
-def _write_dataset(out_dir: Path, arrays: dict[str, np.ndarray], meta: dict) -> None:
-    """Write the token files and then meta.json, each through a temp file and `os.replace`."""
+def _write_dataset(out_dir: Path, files: dict[str, bytes]) -> None:
+    """Write each file under a temporary name, then rename it into place; meta.json last."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    staged = []
-    try:
-        for name, array in arrays.items():
-            staged.append(out_dir / f".{name}.tmp")
-            _write_array(staged[-1], array)
-        staged.append(out_dir / ".meta.json.tmp")
-        staged[-1].write_text(json.dumps(meta, indent=2) + "\n")
-    except BaseException:
-        for path in staged:  # a failed write leaves the previous dataset as it was
-            path.unlink(missing_ok=True)
-        raise
-    # From here the old dataset is invalid until the new meta.json lands, last.
-    (out_dir / "meta.json").unlink(missing_ok=True)
-    for tmp in staged:
-        os.replace(tmp, out_dir / tmp.name[1:-4])
-
-
-def _write_array(path: Path, array: np.ndarray) -> None:
-    with open(path, "wb") as f:
-        f.write(array.tobytes())
-        f.flush()
-        os.fsync(f.fileno())  # on disk before the rename makes it visible
+    (out_dir / "meta.json").unlink(missing_ok=True)  # no dataset here until the new one lands
+    for name, content in files.items():  # insertion order: meta.json comes last
+        tmp = out_dir / f".{name}.tmp"
+        tmp.write_bytes(content)
+        os.replace(tmp, out_dir / name)  # atomic: the old file or the new one, never half
 
 
 def prepare(
     input_path: str | Path | None,
     out_dir: str | Path,
+    *,
     tokenizer: str = "char",
     val_fraction: float = 0.1,
     block_size: int = 256,
@@ -249,8 +257,7 @@ def prepare(
 
     Args:
         input_path: the text file; None for the shipped Shakespeare corpus.
-        out_dir: the folder to write; a dataset already there from the same file and settings
-            is kept as it is.
+        out_dir: the folder to write; a dataset there from the same file and settings is kept.
         tokenizer: "char" (vocabulary from the text, stored in meta.json) or "gpt2" (BPE).
         val_fraction: the share of the token stream, taken from its end, kept for validation.
         block_size: the longest window training will ask for; each split must be longer.
@@ -268,14 +275,14 @@ def prepare(
         old = read_meta(out_dir)
     except ValueError:
         old = None
-    if old and old["source_sha256"] == digest and settings.items() <= old.items():
+    if old and old.get("source_sha256") == digest and settings.items() <= old.items():
         _check_sizes(old["train_tokens"], old["val_tokens"], block_size)
         return old  # same text, same settings: the files on disk are already right
     tok = CharTokenizer.from_text(text) if tokenizer == "char" else GPT2Tokenizer()
     if tok.vocab_size > 2**16:
         raise ValueError(f"{path} has {tok.vocab_size:,} distinct characters: too many for uint16")
-    ids = np.array(tok.encode(text), dtype=np.uint16)
-    train, val = _split(ids, val_fraction, block_size)
+    train, val = _split(np.array(tok.encode(text), dtype=np.uint16), val_fraction, block_size)
+    digests = {s: hashlib.sha256(a).hexdigest() for s, a in (("train", train), ("val", val))}
     meta = {
         "format_version": FORMAT_VERSION,
         **settings,
@@ -285,10 +292,12 @@ def prepare(
         "dtype": "uint16",
         "train_tokens": len(train),
         "val_tokens": len(val),
+        "sha256": digests,
         "source": str(path),
         "source_sha256": digest,
     }
-    _write_dataset(Path(out_dir), {"train.bin": train, "val.bin": val}, meta)
+    files = {"train.bin": train.tobytes(), "val.bin": val.tobytes()}
+    _write_dataset(Path(out_dir), files | {"meta.json": json.dumps(meta, indent=2).encode()})
     return meta
 
 
@@ -346,12 +355,9 @@ class Batches:
         rows = self.data[(starts + self._offsets).numpy()]  # (B, T+1) uint16
         windows = torch.from_numpy(rows.astype(np.int64))  # (B, T+1)
         x, y = windows[:, :-1].contiguous(), windows[:, 1:].contiguous()  # (B, T) each
-        if self.device.type == "cuda":
-            return (
-                x.pin_memory().to(self.device, non_blocking=True),
-                y.pin_memory().to(self.device, non_blocking=True),
-            )
-        return x.to(self.device), y.to(self.device)
+        if self.device.type == "cuda":  # page-locked memory lets the copy run asynchronously
+            x, y = x.pin_memory(), y.pin_memory()
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
     def state_dict(self) -> dict:
         """The random generator's state: restoring it replays the same batches."""

@@ -7,16 +7,15 @@ The code of the chapter `notebooks/05_gpt.ipynb`, which explains every line.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from gpt2_book.attention import KVCacheLike
 from gpt2_book.block import Block
 from gpt2_book.rope import RotaryEmbedding
 
@@ -129,7 +128,15 @@ class GPT(nn.Module):
             parts["wpe"] = nn.Embedding(c.block_size, c.n_embd)
         parts["drop"] = nn.Dropout(c.dropout)
         parts["h"] = nn.ModuleList(
-            Block(c.n_embd, c.n_head, c.head_size, c.mlp_ratio, c.bias, c.dropout, self.rope)
+            Block(
+                n_embd=c.n_embd,
+                n_head=c.n_head,
+                head_dim=c.head_size,
+                mlp_ratio=c.mlp_ratio,
+                bias=c.bias,
+                dropout=c.dropout,
+                rope=self.rope,
+            )
             for _ in range(c.n_layer)
         )
         parts["ln_f"] = nn.LayerNorm(c.n_embd, bias=c.bias)
@@ -155,9 +162,11 @@ class GPT(nn.Module):
         self,
         idx: Tensor,
         targets: Tensor | None = None,
+        *,
         start_pos: int = 0,
-        caches: list[tuple[Tensor, Tensor]] | None = None,
+        kv_caches: list[KVCacheLike] | None = None,
         last_only: bool = False,
+        check_ids: bool = True,
     ) -> tuple[Tensor, Tensor | None]:
         """Next-token scores at every position, and their loss when targets are given.
 
@@ -166,25 +175,28 @@ class GPT(nn.Module):
             targets: the id that should come next at each position, (B, T): usually idx
                 shifted left by one. Positions marked -1 are left out of the loss.
             start_pos: the position of idx[:, 0] in the whole sequence; nonzero only when
-                earlier tokens are in `caches` (generation, chapter 08).
-            caches: one (k, v) pair of (B, nh, S_max, hs) buffers per layer, or None.
+                earlier tokens are in `kv_caches` (generation, chapter 09).
+            kv_caches: one key-value cache per layer (chapter 09's `KVCache`), or None.
             last_only: score only the last position, logits (B, 1, V): all that generation
                 needs, and with a large vocabulary most of the cost of a long input.
+            check_ids: check that every id lies in [0, vocab_size). The check makes the host
+                wait for the device once per call; a caller whose ids are valid by
+                construction (the generation loop, after checking its prompt) turns it off.
 
         Returns:
             logits (B, T, V), and the mean cross-entropy over all positions (a scalar tensor),
             or None without targets.
         """
-        self._check_input(idx, start_pos)
+        self._check_input(idx, start_pos, check_ids)
         B, T = idx.shape
         x = self.transformer.wte(idx)  # (B, T, C)
         if self.rope is None:  # rows start_pos .. start_pos + T - 1 of the position table
             pos = torch.arange(start_pos, start_pos + T, device=idx.device)  # (T,)
             x = x + self.transformer.wpe(pos)  # (T, C) broadcast over B
         x = self.transformer.drop(x)
-        caches = caches if caches is not None else [None] * len(self.transformer.h)
-        for block, cache in zip(self.transformer.h, caches, strict=True):
-            x = block(x, start_pos, cache)  # (B, T, C)
+        kv_caches = kv_caches if kv_caches is not None else [None] * len(self.transformer.h)
+        for block, kv_cache in zip(self.transformer.h, kv_caches, strict=True):
+            x = block(x, start_pos=start_pos, kv_cache=kv_cache)  # (B, T, C)
         if last_only:
             x = x[:, -1:]  # (B, 1, C)
         logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, V)
@@ -193,7 +205,7 @@ class GPT(nn.Module):
         loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
         return logits, loss
 
-    def _check_input(self, idx: Tensor, start_pos: int = 0) -> None:
+    def _check_input(self, idx: Tensor, start_pos: int, check_ids: bool) -> None:
         if idx.dim() != 2:
             raise ValueError(f"idx must hold token ids of shape (B, T), got {tuple(idx.shape)}")
         end, block_size = start_pos + idx.shape[1], self.config.block_size
@@ -203,7 +215,7 @@ class GPT(nn.Module):
                 f"positions: crop the input to its last {block_size} tokens, or use "
                 "pos_encoding='rope'"
             )
-        if torch.compiler.is_compiling() or idx.numel() == 0:
+        if not check_ids or torch.compiler.is_compiling() or idx.numel() == 0:
             return  # a check that depends on the data would split a compiled graph
         # One host-device sync per call: worth it, as a bad id on a GPU is an opaque assert.
         low, high = torch.aminmax(idx)
@@ -224,201 +236,3 @@ class GPT(nn.Module):
         if non_embedding and "wpe" in self.transformer:
             n -= self.transformer.wpe.weight.numel()
         return n
-
-    def configure_optimizer(
-        self,
-        learning_rate: float,
-        weight_decay: float = 0.1,
-        betas: tuple[float, float] = (0.9, 0.95),
-        device_type: str | None = None,
-    ) -> torch.optim.AdamW:
-        """AdamW with weight decay on matrices and embeddings only, not on biases and norms.
-
-        Args:
-            learning_rate: the (initial) learning rate.
-            weight_decay: decay of the parameters with two or more dimensions.
-            betas: Adam's moment decay rates; GPT-3's (0.9, 0.95).
-            device_type: "cuda", "cpu", ...; None reads it from the parameters.
-
-        Returns:
-            The optimizer; each trainable parameter sits in exactly one of its two groups.
-        """
-        params = [p for p in self.parameters() if p.requires_grad]
-        groups = [
-            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-        ]
-        device_type = device_type or params[0].device.type
-        # One fused kernel for all parameters on CUDA; elsewhere, batched ("foreach") updates.
-        fast = {"fused": True} if device_type == "cuda" else {"foreach": True}
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **fast)
-
-    def generate(
-        self,
-        idx: Tensor,
-        max_new_tokens: int,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        use_cache: bool = True,
-        generator: torch.Generator | None = None,
-        stop_token: int | None = None,
-    ) -> Tensor:
-        """Extend each prompt by sampling one token at a time; see `gpt2_book.generate.generate`.
-
-        Args:
-            idx: prompt ids, (B, T), one length for the whole batch.
-            max_new_tokens: how many tokens to append (fewer if every row stops early).
-            temperature: divides the logits; below 1 is more conservative, 0 means argmax.
-            top_k: sample only among the k most likely tokens; None for all.
-            top_p: sample only among the most likely tokens whose probabilities add up to
-                top_p (nucleus sampling), in (0, 1]; None for all.
-            use_cache: keep past keys and values (fast); False recomputes them every step.
-            generator: a seeded `torch.Generator` for reproducible sampling.
-            stop_token: a row that produces this id stops; it is padded with it afterwards.
-
-        Returns:
-            (B, T + n) ids, n <= max_new_tokens: the prompt followed by the new tokens.
-        """
-        # Imported here: chapter 08 builds on this chapter, so importing it at the top would
-        # make an earlier chapter depend on a later one (and the two modules on each other).
-        from gpt2_book.generate import generate
-
-        return generate(
-            self, idx, max_new_tokens, temperature, top_k, top_p, use_cache, generator, stop_token
-        )
-
-    @classmethod
-    def from_pretrained(cls, name_or_path: str | Path, dropout: float = 0.0) -> GPT:
-        """GPT-2 with OpenAI's weights, from a Hugging Face checkpoint.
-
-        Args:
-            name_or_path: a local directory holding ``config.json`` and ``model.safetensors``
-                (as written by ``GPT2LMHeadModel.save_pretrained``), or a hub name such as
-                "openai-community/gpt2" (needs the optional `transformers` dependency).
-            dropout: dropout for fine-tuning; 0 for inference.
-
-        Returns:
-            A `GPT` in "learned" position mode whose logits match Hugging Face's.
-        """
-        directory = _find_checkpoint(name_or_path)
-        hf_config, tensors = _read_checkpoint(directory)
-        model = cls(_config_from_hf(hf_config, dropout))
-        state = _state_from_hf(tensors)
-        _check_state(state, model.state_dict(), directory)
-        model.load_state_dict(state)
-        return model
-
-
-def _find_checkpoint(name_or_path: str | Path) -> Path:
-    """A local checkpoint directory, downloading a hub name if needed."""
-    path = Path(name_or_path).expanduser()
-    if path.is_dir():
-        return path
-    if path.exists() or str(name_or_path).startswith((".", "/", "~")):
-        raise FileNotFoundError(
-            f"{str(name_or_path)!r} is not a directory: pass a directory holding config.json "
-            "and model.safetensors, or a Hugging Face hub name such as 'openai-community/gpt2'"
-        )
-    try:
-        from huggingface_hub import snapshot_download  # installed with transformers
-    except ImportError as err:
-        raise ImportError(
-            f"{str(name_or_path)!r} is not a local directory, and downloading it needs the "
-            "optional dependency transformers: `pip install transformers` (or the book's "
-            "`[hf]` extra), or pass a directory with config.json and model.safetensors"
-        ) from err
-    patterns = ["config.json", "*.safetensors", "model.safetensors.index.json"]
-    try:
-        return Path(snapshot_download(str(name_or_path), allow_patterns=patterns))
-    except Exception as err:
-        raise OSError(
-            f"{str(name_or_path)!r} is neither a local directory nor a downloadable Hugging Face "
-            f"checkpoint ({type(err).__name__}: {err})"
-        ) from err
-
-
-def _read_checkpoint(directory: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
-    """The Hugging Face config and tensors of a checkpoint directory (safetensors, no pickle)."""
-    from safetensors.torch import load_file
-
-    index = directory / "model.safetensors.index.json"
-    if index.is_file():  # a large model split into shards
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    else:
-        shards = ["model.safetensors"]
-    needed = ["config.json", *shards]
-    missing = [name for name in needed if not (directory / name).is_file()]
-    if missing:
-        found = sorted(p.name for p in directory.iterdir())
-        raise FileNotFoundError(
-            f"{directory} lacks {', '.join(missing)} (it holds {found or 'nothing'}): a "
-            "checkpoint directory needs config.json and model.safetensors, as written by "
-            "GPT2LMHeadModel.save_pretrained; pickled .bin weights are not read"
-        )
-    tensors: dict[str, Tensor] = {}
-    for shard in shards:
-        tensors.update(load_file(directory / shard))
-    return json.loads((directory / "config.json").read_text()), tensors
-
-
-def _config_from_hf(hf: dict[str, Any], dropout: float = 0.0) -> GPTConfig:
-    """Translate a Hugging Face GPT2Config (as a dict) into ours, rejecting what we don't model."""
-    if hf.get("model_type") != "gpt2":
-        raise ValueError(
-            f"expected a GPT-2 checkpoint (model_type 'gpt2'), got {hf.get('model_type')!r}"
-        )
-    same = {
-        "activation_function": ("gelu_new", "gelu_pytorch_tanh"),  # GELU, tanh approximation
-        "layer_norm_epsilon": (1e-5,),  # nn.LayerNorm's default eps
-        "scale_attn_weights": (True,),  # scores divided by sqrt(hs)
-        "scale_attn_by_inverse_layer_idx": (False,),
-        "add_cross_attention": (False,),
-        "tie_word_embeddings": (True,),  # lm_head shares wte
-    }
-    for key, allowed in same.items():
-        if key in hf and hf[key] not in allowed:
-            raise ValueError(
-                f"this GPT supports {key} in {allowed}, the checkpoint has {hf[key]!r}"
-            )
-    n_inner = hf.get("n_inner") or 4 * hf["n_embd"]
-    return GPTConfig(
-        vocab_size=hf["vocab_size"],
-        block_size=hf["n_positions"],
-        n_layer=hf["n_layer"],
-        n_head=hf["n_head"],
-        n_embd=hf["n_embd"],
-        mlp_ratio=n_inner / hf["n_embd"],
-        dropout=dropout,
-        bias=True,
-        pos_encoding="learned",
-    )
-
-
-def _state_from_hf(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Rename Hugging Face GPT-2 tensors to our names; transpose its Conv1D weights."""
-    conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-    state = {}
-    for key, tensor in tensors.items():
-        name = key.removeprefix("transformer.")  # OpenAI's files omit the prefix
-        if name == "lm_head.weight" or name.endswith((".attn.bias", ".attn.masked_bias")):
-            continue  # the tied copy of wte, and old checkpoints' causal-mask buffers
-        # Conv1D stores its matrix as (in, out); nn.Linear as (out, in).
-        state[f"transformer.{name}"] = tensor.t() if name.endswith(conv1d) else tensor
-    if "transformer.wte.weight" in state:
-        state["lm_head.weight"] = state["transformer.wte.weight"]
-    return state
-
-
-def _check_state(state: dict[str, Tensor], expected: dict[str, Tensor], source: Path) -> None:
-    """Fail with the list of names and shapes that do not match, not PyTorch's first error."""
-    problems = [f"missing {k}" for k in expected if k not in state]
-    problems += [f"unexpected {k}" for k in state if k not in expected]
-    problems += [
-        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in state and state[k].shape != v.shape
-    ]
-    if problems:
-        shown = "; ".join(problems[:8]) + ("; ..." if len(problems) > 8 else "")
-        raise ValueError(f"{source} does not fit a GPT-2 of its own config.json: {shown}")

@@ -27,7 +27,7 @@ class MLP(nn.Module):
     """
 
     def __init__(
-        self, n_embd: int, mlp_ratio: float = 4.0, bias: bool = True, dropout: float = 0.0
+        self, *, n_embd: int, mlp_ratio: float = 4.0, bias: bool = True, dropout: float = 0.0
     ) -> None:
         super().__init__()
         if n_embd <= 0:

@@ -6,83 +6,58 @@ The code of the chapter `notebooks/07_training.ipynb`, which explains every line
 """
 
 import contextlib
-import functools
-import json
-import logging
+import dataclasses
 import math
-import os
-import pickle
-import time
 import types
-import zipfile
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
-from torch import Tensor
-from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
+from torch import Tensor, nn
 
-from gpt2_book.data import Batches, CharTokenizer, GPT2Tokenizer, read_meta
-from gpt2_book.gpt import GPT, GPTConfig
-from gpt2_book.utils import default_device
+from gpt2_book.data import Batches
+from gpt2_book.gpt import GPTConfig
 
 __all__ = [
     "PRESET_NAMES",
     "TrainConfig",
-    "get_lr",
+    "fixed_batches",
     "estimate_loss",
-    "CHECKPOINT_NAME",
-    "CheckpointError",
-    "save_checkpoint",
-    "load_checkpoint",
-    "TrainResult",
-    "TrainingDiverged",
-    "read_metrics",
-    "train",
-    "load_model",
-    "tokenizer_for",
+    "get_lr",
+    "train_step",
+    "configure_optimizer",
 ]
-
-
-_log = logging.getLogger(__name__)
 
 
 _PRESETS = types.MappingProxyType(
     {
         # nanoGPT's "baby" Shakespeare run for a CPU: about 0.8M parameters.
         "shakespeare-char-cpu": dict(
-            n_layer=4,
-            n_head=4,
-            n_embd=128,
-            block_size=64,
+            model=dict(n_layer=4, n_head=4, n_embd=128, block_size=64, bias=False),
             batch_size=12,
             max_iters=2000,
             lr_decay_iters=2000,
-            dropout=0.0,
             eval_iters=20,
         ),
-        # The same recipe at GPU scale (10.7M parameters); it overfits without dropout.
+        # nanoGPT's GPU recipe for the same text: 10.7M parameters, dropout against memorising.
         "shakespeare-char": dict(
-            n_layer=6,
-            n_head=6,
-            n_embd=384,
-            block_size=256,
+            model=dict(n_layer=6, n_head=6, n_embd=384, block_size=256, bias=False, dropout=0.2),
             batch_size=64,
             max_iters=5000,
             lr_decay_iters=5000,
-            dropout=0.2,
             eval_iters=200,
         ),
-        # GPT-2 small's shapes and nanoGPT's recipe for it (~491k tokens a step, 8 GPUs, days).
+        # GPT-2 small's shapes with nanoGPT's recipe for it (~491k tokens a step, 8 GPUs, days).
         "gpt2-small": dict(
-            n_layer=12,
-            n_head=12,
-            n_embd=768,
-            block_size=1024,
-            pos_encoding="learned",
+            model=dict(
+                n_layer=12,
+                n_head=12,
+                n_embd=768,
+                block_size=1024,
+                pos_encoding="learned",
+                bias=False,
+            ),
             batch_size=12,
             grad_accum_steps=40,
             max_iters=600_000,
@@ -95,47 +70,63 @@ _PRESETS = types.MappingProxyType(
             eval_iters=200,
             compile=True,
         ),
+        # Fine-tuning OpenAI's GPT-2 small (train --init-from gpt2): its shapes and a small,
+        # constant learning rate, as nanoGPT's finetune_shakespeare; shorter windows for CPUs.
+        "gpt2-finetune": dict(
+            model=dict(
+                n_layer=12,
+                n_head=12,
+                n_embd=768,
+                block_size=256,
+                pos_encoding="learned",
+                dropout=0.1,
+            ),
+            batch_size=4,
+            grad_accum_steps=8,
+            max_iters=100,
+            lr_decay_iters=100,
+            learning_rate=3e-5,
+            min_lr=3e-5,
+            warmup_iters=0,
+            beta2=0.95,
+            eval_interval=10,
+            eval_iters=10,
+        ),
     }
 )
 PRESET_NAMES = tuple(_PRESETS)
+_DTYPES = ("auto", "float32", "bfloat16", "float16")
+_COUNTS = ("batch_size", "grad_accum_steps", "max_iters", "lr_decay_iters", "eval_interval",
+           "eval_iters")  # fmt: skip
 
 
-_DTYPES = {"auto": None, "float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+def _default_model() -> GPTConfig:
+    return GPTConfig(**_PRESETS["shakespeare-char-cpu"]["model"])
 
 
-def _check(config: object, name: str, ok: bool, what: str) -> None:
-    if not ok:
-        value = getattr(config, name)
-        raise ValueError(f"{type(config).__name__}.{name} = {value!r} {what}")
+def _is_int(value: object, low: int = 0) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
 
 
-def _is_device(name: str | None) -> bool:
-    try:
-        return name is None or isinstance(torch.device(name), torch.device)
-    except RuntimeError:  # not a device string at all
-        return False
+def _is_real(value: object, low: float = 0.0) -> bool:
+    ok = isinstance(value, int | float) and not isinstance(value, bool)
+    return ok and math.isfinite(value) and value >= low
 
 
 @dataclass
 class TrainConfig:
-    """Everything a training run needs except the data and where to write.
+    """Everything a training run needs except the data and where to write it.
 
-    The defaults are the `shakespeare-char-cpu` preset. Invalid values raise a ValueError that
-    names the field. See `notebooks/07_training.ipynb`.
+    It holds the model's `GPTConfig` (whose vocab_size is replaced by the data's when the run
+    starts) and the settings of the run. The defaults are the `shakespeare-char-cpu` preset.
+    A bad value raises a ValueError that names the field. See `notebooks/07_training.ipynb`.
     """
 
-    # Model shape; vocab_size comes from the data.
-    n_layer: int = 4
-    n_head: int = 4
-    n_embd: int = 128
-    block_size: int = 64  # T: the context the model is trained on
-    dropout: float = 0.0  # worth 0.1-0.2 only when the model can memorise the data
-    bias: bool = False  # no biases in Linear/LayerNorm: slightly faster, as good
-    pos_encoding: str = "rope"  # "rope" or "learned" (GPT-2's own)
+    model: GPTConfig = field(default_factory=_default_model)
     # Batches: one optimizer step sees batch_size * block_size * grad_accum_steps tokens.
     batch_size: int = 12  # B of one micro-batch on one process
     grad_accum_steps: int = 1  # micro-batches per step, summed over all processes
-    # Optimizer (AdamW) and schedule: linear warmup, cosine decay to min_lr, then flat.
+    # AdamW and its schedule: linear warmup, cosine decay to min_lr, then flat.
     max_iters: int = 2000
     learning_rate: float = 1e-3  # small models tolerate a high peak learning rate
     min_lr: float = 1e-4  # about learning_rate / 10
@@ -148,60 +139,93 @@ class TrainConfig:
     # Evaluation: mean loss over eval_iters fixed batches per split, every eval_interval steps.
     eval_interval: int = 250
     eval_iters: int = 20
-    # Runtime.
+    # Running (chapter 08).
     seed: int = 1337
     device: str | None = None  # None: gpt2_book.utils.default_device()
     dtype: str = "auto"  # "auto": bfloat16 (else float16) autocast on CUDA, float32 elsewhere
     compile: bool = False  # torch.compile the model: slow to start, faster on GPUs
 
     def __post_init__(self) -> None:
-        counts = ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "grad_accum_steps")
-        for name in counts + ("max_iters", "lr_decay_iters", "eval_interval", "eval_iters"):
-            _check(self, name, getattr(self, name) >= 1, "must be at least 1")
+        s, lr, counts = self, self.learning_rate, _COUNTS
         rules = [  # (field, whether its value is fine, what it must be)
-            ("n_embd", self.n_embd % self.n_head == 0, "must be a multiple of n_head"),
-            ("dropout", 0 <= self.dropout < 1, "must be in [0, 1)"),
-            ("pos_encoding", self.pos_encoding in ("rope", "learned"), "must be rope or learned"),
-            ("learning_rate", self.learning_rate > 0, "must be positive"),
-            ("min_lr", 0 <= self.min_lr <= self.learning_rate, "must be in [0, learning_rate]"),
-            (
-                "warmup_iters",
-                0 <= self.warmup_iters <= self.lr_decay_iters,
-                "must be in [0, lr_decay_iters]",
-            ),
-            ("weight_decay", self.weight_decay >= 0, "must not be negative"),
-            ("beta1", 0 <= self.beta1 < 1, "must be in [0, 1)"),
-            ("beta2", 0 <= self.beta2 < 1, "must be in [0, 1)"),
-            ("grad_clip", self.grad_clip >= 0, "must not be negative (0 turns clipping off)"),
-            ("dtype", self.dtype in _DTYPES, f"must be one of {', '.join(_DTYPES)}"),
-            ("device", _is_device(self.device), "must be None or a device like 'cpu', 'cuda:0'"),
-        ]
+            ("model", isinstance(s.model, GPTConfig), "must be a GPTConfig"),
+            *[(name, _is_int(getattr(s, name), 1), "must be an integer >= 1") for name in counts],
+            ("learning_rate", _is_real(lr) and lr > 0, "must be a finite number > 0"),
+            ("min_lr", _is_real(s.min_lr) and s.min_lr <= lr, "must be in [0, learning_rate]"),
+            ("warmup_iters", _is_int(s.warmup_iters) and s.warmup_iters <= s.lr_decay_iters,
+             "must be an integer in [0, lr_decay_iters]"),
+            ("weight_decay", _is_real(s.weight_decay), "must be a finite number >= 0"),
+            ("beta1", _is_real(s.beta1) and s.beta1 < 1, "must be in [0, 1)"),
+            ("beta2", _is_real(s.beta2) and s.beta2 < 1, "must be in [0, 1)"),
+            ("grad_clip", _is_real(s.grad_clip), "must be a finite number >= 0 (0: no clipping)"),
+            ("seed", _is_int(s.seed) and s.seed < 2**63, "must be an integer in [0, 2**63)"),
+            ("device", s.device is None or isinstance(s.device, str), "must be None or a name"),
+            ("dtype", s.dtype in _DTYPES, f"must be one of {', '.join(_DTYPES)}"),
+            ("compile", isinstance(s.compile, bool), "must be True or False"),
+        ]  # fmt: skip
         for name, ok, what in rules:
-            _check(self, name, ok, what)
+            if not ok:
+                raise ValueError(f"TrainConfig.{name} = {getattr(self, name)!r} {what}")
 
     @classmethod
     def from_preset(cls, name: str, **overrides: object) -> "TrainConfig":
-        """A preset ("shakespeare-char-cpu", "shakespeare-char", "gpt2-small") with overrides."""
+        """A preset (see PRESET_NAMES) with some fields changed, as in `replace`."""
         if name not in _PRESETS:
             raise ValueError(f"unknown preset {name!r}: choose one of {', '.join(_PRESETS)}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(overrides) - known)
-        if unknown:
-            raise ValueError(f"TrainConfig has no field {unknown[0]!r}")
-        return cls(**{**_PRESETS[name], **overrides})
+        preset = dict(_PRESETS[name])
+        return cls(model=GPTConfig(**preset.pop("model")), **preset).replace(**overrides)
 
-    def model_config(self, vocab_size: int) -> GPTConfig:
-        """The GPTConfig of the model this run trains."""
-        return GPTConfig(
-            vocab_size=vocab_size,
-            block_size=self.block_size,
-            n_layer=self.n_layer,
-            n_head=self.n_head,
-            n_embd=self.n_embd,
-            dropout=self.dropout,
-            bias=self.bias,
-            pos_encoding=self.pos_encoding,
-        )
+    def replace(self, **overrides: object) -> "TrainConfig":
+        """A copy with some fields changed. A GPTConfig field name (n_layer, dropout, ...)
+        changes the model; `model=` replaces the model config whole (its fields after it)."""
+        model_names = {f.name for f in fields(GPTConfig)}
+        unknown = sorted(set(overrides) - model_names - {f.name for f in fields(TrainConfig)})
+        if unknown:
+            raise ValueError(f"neither TrainConfig nor GPTConfig has a field {unknown[0]!r}")
+        model = overrides.pop("model", self.model)
+        changes = {name: overrides.pop(name) for name in model_names & overrides.keys()}
+        return dataclasses.replace(self, model=dataclasses.replace(model, **changes), **overrides)
+
+    @classmethod
+    def from_dict(cls, settings: dict) -> "TrainConfig":
+        """The inverse of `dataclasses.asdict`: how a run's settings are read back from files."""
+        return cls(**{**settings, "model": GPTConfig(**settings["model"])})
+
+
+def fixed_batches(
+    data_dir: str | Path,
+    split: str,
+    *,
+    n: int,
+    batch_size: int,
+    block_size: int,
+    seed: int,
+    device: str | torch.device = "cpu",
+) -> list[tuple[Tensor, Tensor]]:
+    """`n` (x, y) batches, each (B, T), drawn once from a split so they can be reused."""
+    batches = Batches(data_dir, split, batch_size, block_size, device, seed=seed)
+    return [next(batches) for _ in range(n)]
+
+
+@torch.no_grad()
+def estimate_loss(
+    model: nn.Module,
+    batches: list[tuple[Tensor, Tensor]],
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+) -> float:
+    """Mean loss of `model` over fixed (x, y) batches of shape (B, T), in eval mode.
+
+    `autocast` makes the context each forward pass runs in (mixed precision, chapter 08).
+    """
+    was_training = model.training
+    model.eval()
+    losses = []
+    for x, y in batches:
+        with autocast():
+            _, loss = model(x, y)
+        losses.append(loss.float())
+    model.train(was_training)
+    return torch.stack(losses).mean().item()
 
 
 def get_lr(it: int, config: TrainConfig) -> float:
@@ -218,486 +242,63 @@ def get_lr(it: int, config: TrainConfig) -> float:
     return config.min_lr + weight * (config.learning_rate - config.min_lr)
 
 
-def _amp_dtype(name: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for `TrainConfig.dtype` on `device`; None means plain float32."""
-    if name != "auto":
-        return _DTYPES[name]
-    if device.type != "cuda":
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
-
-def _autocast(device: torch.device, dtype: torch.dtype | None) -> Callable:
-    """A factory of autocast contexts (or of no-op contexts for float32)."""
-    if dtype is None:
-        return contextlib.nullcontext
-    return functools.partial(torch.autocast, device_type=device.type, dtype=dtype)
-
-
-def _fixed_batches(
-    data_dir: Path, split: str, config: TrainConfig, device: torch.device
-) -> list[tuple[Tensor, Tensor]]:
-    """`eval_iters` batches of one split, drawn once with their own seed and reused."""
-    seed = config.seed + 10_000  # a stream of its own: not the first training batches
-    batches = Batches(data_dir, split, config.batch_size, config.block_size, device, seed=seed)
-    return [next(batches) for _ in range(config.eval_iters)]
-
-
-@torch.no_grad()
-def estimate_loss(
-    model: torch.nn.Module,
-    batches: list[tuple[Tensor, Tensor]],
-    autocast: Callable = contextlib.nullcontext,
-) -> float:
-    """Mean loss of `model` over fixed (x, y) batches of shape (B, T), in eval mode.
-
-    Under torch.distributed each process takes every world_size-th batch and the sums are
-    all-reduced, so all processes return the same number.
-    """
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    was_training = model.training
-    model.eval()
-    total = torch.zeros(2, device=batches[0][0].device)  # (sum of losses, number of batches)
-    for x, y in batches[rank::world]:
-        with autocast():
-            _, loss = model(x, y)
-        total += torch.stack([loss.float(), torch.ones_like(loss, dtype=torch.float)])
-    if world > 1:
-        dist.all_reduce(total)
-    model.train(was_training)
-    return (total[0] / total[1]).item()
-
-
-CHECKPOINT_NAME = "ckpt.pt"
-_FORMAT = "gpt2-book-checkpoint"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that is missing, damaged, unsafe, or does not fit the run."""
-
-
-def save_checkpoint(state: dict, path: str | Path) -> None:
-    """Write `state` to `path` atomically: temp file, fsync, then rename over the old one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)  # atomic: readers see the old file or the new one, never half
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    with contextlib.suppress(OSError):  # make the rename itself durable (not on Windows)
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def load_checkpoint(path: str | Path) -> dict:
-    """Read a checkpoint written by `train` (a file, or the folder holding `ckpt.pt`).
-
-    Loads with `torch.load(weights_only=True)`, so a file that would run code when unpickled
-    is refused. Raises CheckpointError for missing, damaged, unsafe or foreign files.
-    """
-    path = Path(path)
-    if path.is_dir():
-        path = path / CHECKPOINT_NAME
-    if not path.is_file():
-        raise CheckpointError(f"no checkpoint at {path}")
-    if not zipfile.is_zipfile(path):  # torch.save always writes a zip archive
-        raise CheckpointError(f"{path} is damaged or not a PyTorch checkpoint (not a zip file)")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise CheckpointError(
-            f"refusing to load {path}: it holds Python objects other than tensors and plain "
-            "data, and unpickling them could run arbitrary code"
-        ) from err
-    except Exception as err:
-        raise CheckpointError(f"{path} is damaged ({type(err).__name__}: {err})") from err
-    if not isinstance(state, dict) or state.get("format") != _FORMAT:
-        raise CheckpointError(f"{path} is not a gpt2-book training checkpoint")
-    return state
-
-
-@dataclass(frozen=True)
-class _World:
-    """Where this process stands among the processes of a (possibly) distributed run."""
-
-    rank: int = 0
-    world_size: int = 1
-    owns_group: bool = False  # whether train() started the process group (and must end it)
-
-    @property
-    def master(self) -> bool:
-        return self.rank == 0
-
-
-def _setup_distributed(device: torch.device) -> tuple[_World, torch.device]:
-    """Join the process group that torchrun describes in the environment, if any."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size == 1:
-        return _World(), device
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    if device.type == "cuda":  # one GPU per process
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    owns = not dist.is_initialized()
-    if owns:
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return _World(rank, world_size, owns), device
-
-
-def _mean_over_ranks(value: Tensor, world: _World) -> Tensor:
-    if world.world_size > 1:
-        value = value.clone()
-        dist.all_reduce(value)
-        value /= world.world_size
-    return value
-
-
-@dataclass
-class _Run:
-    """The state of one training run."""
-
-    config: TrainConfig
-    model_config: GPTConfig
-    model: GPT  # the plain model: what is saved and restored
-    forward: torch.nn.Module  # what is called: the model, compiled and/or wrapped in DDP
-    optimizer: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler
-    autocast: Callable
-    batches: Batches
-    eval_batches: dict[str, list[tuple[Tensor, Tensor]]]
-    data_meta: dict
-    world: _World
-    out_dir: Path
-    it: int = 0  # optimizer steps done
-    elapsed_offset: float = 0.0  # seconds spent in earlier sessions of this run
-    last_saved: int | None = None  # step of the newest checkpoint on disk
-
-
-@dataclass
-class TrainResult:
-    """What `train` returns: the step reached, the training loss of every step it ran, and the
-    evaluations (the rows it appended to `metrics.jsonl`)."""
-
-    iters: int
-    losses: list[float] = field(default_factory=list)
-    evals: list[dict] = field(default_factory=list)
-
-
-def _setup(
-    config: TrainConfig,
-    data_dir: Path,
-    out_dir: Path,
-    resume: bool,
-    world: _World,
-    device: torch.device,
-) -> _Run:
-    """Build the model, optimizer and batches; restore a checkpoint when resuming."""
-    _check_out_dir(out_dir, resume)
-    if config.grad_accum_steps % world.world_size:
-        raise ValueError(
-            f"TrainConfig.grad_accum_steps = {config.grad_accum_steps} must be a multiple of "
-            f"the number of processes, {world.world_size}"
-        )
-    meta = read_meta(data_dir)
-    model_config = config.model_config(meta["vocab_size"])
-    torch.manual_seed(config.seed)  # the same initial weights on every process
-    model = GPT(model_config).to(device)
-    betas = (config.beta1, config.beta2)
-    dtype = _amp_dtype(config.dtype, device)
-    run = _Run(
-        config=config,
-        model_config=model_config,
-        model=model,
-        forward=model,
-        optimizer=model.configure_optimizer(
-            config.learning_rate, config.weight_decay, betas, device.type
-        ),
-        scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
-        autocast=_autocast(device, dtype),
-        batches=Batches(
-            data_dir,
-            "train",
-            config.batch_size,
-            config.block_size,
-            device,
-            seed=config.seed,
-            rank=world.rank,
-            world_size=world.world_size,
-        ),
-        eval_batches={s: _fixed_batches(data_dir, s, config, device) for s in ("train", "val")},
-        data_meta=meta,
-        world=world,
-        out_dir=out_dir,
-    )
-    torch.manual_seed(config.seed + world.rank)  # dropout: a different stream per process
-    if resume:
-        _restore(run, load_checkpoint(out_dir / CHECKPOINT_NAME))
-    if config.compile:
-        run.forward = torch.compile(model)
-    if world.world_size > 1:
-        ids = [device.index] if device.type == "cuda" else None
-        run.forward = DistributedDataParallel(run.forward, device_ids=ids)
-    return run
-
-
-def _check_out_dir(out_dir: Path, resume: bool) -> None:
-    exists = (out_dir / CHECKPOINT_NAME).exists()
-    if resume and not exists:
-        raise CheckpointError(f"nothing to resume: no {CHECKPOINT_NAME} in {out_dir}")
-    if exists and not resume:
-        raise CheckpointError(
-            f"{out_dir} already holds a checkpoint: resume it (--resume), or choose another "
-            "out dir (--out-dir)"
-        )
-
-
-def _restore(run: _Run, state: dict) -> None:
-    """Load a checkpoint into a freshly built run, after checking that it fits."""
-    wanted = asdict(run.model_config)
-    for name, value in state["model_config"].items():
-        if wanted.get(name) != value:
-            raise CheckpointError(
-                f"the checkpoint in {run.out_dir} has {name}={value!r}, but this run asks for "
-                f"{name}={wanted.get(name)!r}: resume with the same model and data"
-            )
-    run.model.load_state_dict(_plain_names(state["model"]))
-    run.optimizer.load_state_dict(state["optimizer"])
-    if state["scaler"] and run.scaler.is_enabled():
-        run.scaler.load_state_dict(state["scaler"])
-    run.it, run.elapsed_offset, run.last_saved = state["iter"], state["elapsed_s"], state["iter"]
-    if len(state["ranks"]) == run.world.world_size:
-        mine = state["ranks"][run.world.rank]
-        run.batches.load_state_dict(mine["batches"])
-        torch.set_rng_state(mine["rng"]["cpu"])
-        if mine["rng"]["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state(mine["rng"]["cuda"])
-    else:
-        _log.warning(
-            "checkpoint from %d processes, resuming with %d: batches are redrawn",
-            len(state["ranks"]),
-            run.world.world_size,
-        )
-
-
-def _plain_names(state_dict: dict) -> dict:
-    """Parameter names without the prefixes torch.compile and DDP add."""
-    return {k.replace("_orig_mod.", "").removeprefix("module."): v for k, v in state_dict.items()}
-
-
-def _checkpoint(run: _Run, elapsed_s: float) -> None:
-    """Gather every process's sampler and RNG state; rank 0 writes the checkpoint."""
-    cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() else None
-    mine = {
-        "batches": run.batches.state_dict(),
-        "rng": {"cpu": torch.get_rng_state(), "cuda": cuda},
-    }
-    ranks = [mine]
-    if run.world.world_size > 1:
-        ranks = [None] * run.world.world_size
-        dist.all_gather_object(ranks, mine)
-    if run.world.master:
-        state = {
-            "format": _FORMAT,
-            "iter": run.it,
-            "elapsed_s": elapsed_s,
-            "model": run.model.state_dict(),
-            "optimizer": run.optimizer.state_dict(),
-            "scaler": run.scaler.state_dict(),
-            "ranks": ranks,
-            "train_config": asdict(run.config),
-            "model_config": asdict(run.model_config),
-            "data_meta": run.data_meta,
-        }
-        save_checkpoint(state, run.out_dir / CHECKPOINT_NAME)
-    run.last_saved = run.it
-
-
-def _forward_backward(run: _Run) -> Tensor:
-    """Accumulate the gradient of one optimizer step; return its mean loss (all processes)."""
-    accum = run.config.grad_accum_steps // run.world.world_size
-    total = torch.zeros((), device=next(run.model.parameters()).device)
-    for micro in range(accum):
-        x, y = next(run.batches)  # (B, T) each
-        inner = micro < accum - 1 and isinstance(run.forward, DistributedDataParallel)
-        with run.forward.no_sync() if inner else contextlib.nullcontext():
-            with run.autocast():
-                _, loss = run.forward(x, y)
-            run.scaler.scale(loss / accum).backward()
-        total += loss.detach().float() / accum
-    return _mean_over_ranks(total, run.world)
-
-
-def _optimizer_step(run: _Run, lr: float) -> None:
-    """Clip the gradient, take one AdamW step at learning rate `lr`, clear the gradient."""
-    for group in run.optimizer.param_groups:
-        group["lr"] = lr
-    if run.config.grad_clip > 0:
-        run.scaler.unscale_(run.optimizer)  # clip the true gradient, not the scaled one
-        torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.config.grad_clip)
-    run.scaler.step(run.optimizer)
-    run.scaler.update()
-    run.optimizer.zero_grad(set_to_none=True)
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss became nan or inf; the last good checkpoint is kept."""
-
-
-def _check_finite(run: _Run, loss: float) -> None:
-    if math.isfinite(loss):
-        return
-    path = run.out_dir / CHECKPOINT_NAME
-    kept = (
-        f"the last good checkpoint, step {run.last_saved}, is {path}"
-        if run.last_saved is not None
-        else "no checkpoint was written yet"
-    )
-    raise TrainingDiverged(
-        f"the loss became {loss} at step {run.it}; training stopped and {kept}. "
-        "Try a lower learning_rate or warmup over more steps."
-    )
-
-
-def _evaluate(run: _Run, lr: float, tokens_per_s: float | None, elapsed_s: float) -> dict:
-    """Measure train and val loss on the fixed batches; rank 0 appends them to the metrics."""
-    row = {"iter": run.it}
-    for split, batches in run.eval_batches.items():
-        row[f"{split}_loss"] = estimate_loss(run.model, batches, run.autocast)
-    row.update(lr=lr, tokens_per_s=tokens_per_s, elapsed_s=round(elapsed_s, 3))
-    if run.world.master:
-        with open(run.out_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
-    return row
-
-
-def _start_outputs(run: _Run, resume: bool) -> None:
-    """Rank 0 writes config.json and starts metrics.jsonl (keeping rows up to a resume)."""
-    if not run.world.master:
-        return
-    run.out_dir.mkdir(parents=True, exist_ok=True)
-    configs = {"train": asdict(run.config), "model": asdict(run.model_config)}
-    (run.out_dir / "config.json").write_text(json.dumps(configs, indent=2) + "\n")
-    path = run.out_dir / "metrics.jsonl"
-    rows = read_metrics(run.out_dir) if resume and path.exists() else []
-    kept = [row for row in rows if row["iter"] <= run.it]  # drop rows after the checkpoint
-    path.write_text("".join(json.dumps(row) + "\n" for row in kept))
-
-
-def read_metrics(out_dir: str | Path) -> list[dict]:
-    """The rows of `metrics.jsonl` in a training output folder, one dict per evaluation."""
-    lines = (Path(out_dir) / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line) for line in lines if line.strip()]
-
-
-def _loop(run: _Run, progress: bool, resumed: bool) -> TrainResult:
-    cfg, start, t0 = run.config, run.it, time.perf_counter()
-    tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum_steps
-    result, window = TrainResult(run.it), [0, 0.0]  # (tokens, seconds) since the last eval
-    bar = tqdm(
-        total=cfg.max_iters,
-        initial=run.it,
-        desc="train",
-        unit="step",
-        disable=not (progress and run.world.master),
-        dynamic_ncols=True,
-    )
-    with bar:
-        while True:
-            lr = get_lr(run.it, cfg)
-            if (run.it % cfg.eval_interval == 0 or run.it == cfg.max_iters) and not (
-                resumed and run.it == start
-            ):
-                speed = window[0] / window[1] if window[1] else None
-                elapsed = run.elapsed_offset + time.perf_counter() - t0
-                result.evals.append(_evaluate(run, lr, speed, elapsed))
-                if run.it > start:
-                    _checkpoint(run, elapsed)
-                window = [0, 0.0]
-            if run.it >= cfg.max_iters:
-                break
-            step_start = time.perf_counter()
-            loss = _forward_backward(run).item()
-            _check_finite(run, loss)
-            _optimizer_step(run, lr)
-            dt = time.perf_counter() - step_start
-            run.it, window = run.it + 1, [window[0] + tokens_per_step, window[1] + dt]
-            result.losses.append(loss)
-            bar.update()
-            bar.set_postfix(
-                loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_step / dt:,.0f}"
-            )
-    result.iters = run.it
-    return result
-
-
-def _device(name: str | torch.device | None) -> torch.device:
-    """The device asked for (None: the default one), or a ValueError if this machine lacks it."""
-    try:
-        device = torch.device(name) if name is not None else default_device()
-    except RuntimeError:
-        raise ValueError(f"{name!r} is not a device: try 'cpu', 'cuda' or 'cuda:1'") from None
-    present = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
-    if not present.get(device.type, True):
-        raise ValueError(f"device {str(device)!r} is not available on this machine; try 'cpu'")
-    return device
-
-
-def train(
-    config: TrainConfig,
-    data_dir: str | Path,
-    out_dir: str | Path,
+def train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batches: Iterator[tuple[Tensor, Tensor]],
     *,
-    resume: bool = False,
-    progress: bool = True,
-) -> TrainResult:
-    """Train a GPT on a dataset written by `gpt2_book.data.prepare`.
+    lr: float,
+    accum_steps: int = 1,
+    grad_clip: float = 1.0,
+) -> tuple[float, float]:
+    """One optimizer step at learning rate `lr` on `accum_steps` micro-batches from `batches`.
+
+    Returns:
+        The mean loss of the micro-batches, and the gradient's norm before clipping (`grad_clip`
+        0 measures it without clipping).
+    """
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    loss_sum = 0.0
+    for _ in range(accum_steps):
+        x, y = next(batches)  # (B, T) each
+        _, loss = model(x, y)
+        (loss / accum_steps).backward()  # .grad adds up: the mean gradient of all micro-batches
+        loss_sum += loss.item()
+    max_norm = grad_clip if grad_clip > 0 else math.inf
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum / accum_steps, norm.item()
+
+
+def configure_optimizer(
+    model: nn.Module,
+    *,
+    learning_rate: float,
+    weight_decay: float = 0.1,
+    betas: tuple[float, float] = (0.9, 0.95),
+    device_type: str | None = None,
+) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices and embeddings only, not on biases and norms.
+
+    Loshchilov & Hutter (2019), "Decoupled Weight Decay Regularization".
 
     Args:
-        config: the run's settings (see TrainConfig and its presets).
-        data_dir: the prepared dataset (train.bin, val.bin, meta.json).
-        out_dir: where `ckpt.pt`, `metrics.jsonl` and `config.json` go.
-        resume: continue the run whose checkpoint is in out_dir, up to config.max_iters.
-        progress: show a tqdm progress bar (rank 0 only).
+        model: the model to train.
+        learning_rate: the (initial) learning rate.
+        weight_decay: decay of the parameters with two or more dimensions.
+        betas: Adam's moment decay rates; GPT-3's (0.9, 0.95).
+        device_type: "cuda", "cpu", ...; None reads it from the parameters.
     Returns:
-        TrainResult with the step reached, the loss of each step and the evaluations.
-    Raises:
-        CheckpointError, ValueError: the checkpoint or data does not fit; TrainingDiverged.
+        The optimizer; each trainable parameter sits in exactly one of its two groups.
     """
-    data_dir, out_dir = Path(data_dir), Path(out_dir)
-    device = _device(config.device)
-    world, device = _setup_distributed(device)
-    if device.type == "cuda":
-        torch.set_float32_matmul_precision("high")  # float32 matmuls on TF32 tensor cores
-    try:
-        run = _setup(config, data_dir, out_dir, resume, world, device)
-        _start_outputs(run, resume)
-        return _loop(run, progress, resumed=resume)
-    finally:
-        if world.owns_group:
-            dist.destroy_process_group()
-
-
-def load_model(path: str | Path, device: str | torch.device | None = "cpu") -> tuple[GPT, dict]:
-    """The trained model of a checkpoint (file or folder), in eval mode, and the checkpoint.
-
-    `device` None means `default_device()`; a device this machine lacks is a ValueError.
-    """
-    device, state = _device(device), load_checkpoint(path)
-    model = GPT(GPTConfig(**state["model_config"]))
-    model.load_state_dict(_plain_names(state["model"]))
-    return model.to(device).eval(), state
-
-
-def tokenizer_for(state: dict) -> CharTokenizer | GPT2Tokenizer:
-    """The tokenizer a checkpoint's model was trained with."""
-    meta = state["data_meta"]
-    return CharTokenizer(meta["chars"]) if meta["tokenizer"] == "char" else GPT2Tokenizer()
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    device_type = device_type or params[0].device.type
+    # One fused kernel for all parameters on CUDA; elsewhere, batched ("foreach") updates.
+    fast = {"fused": True} if device_type == "cuda" else {"foreach": True}
+    return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **fast)

@@ -7,7 +7,7 @@ The code of the chapter `notebooks/00_conventions.ipynb`, which explains every l
 
 import torch
 
-__all__ = ["default_device"]
+__all__ = ["default_device", "resolve_device"]
 
 
 def default_device() -> torch.device:
@@ -22,3 +22,37 @@ def default_device() -> torch.device:
     if mps is not None and mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def _device_count(kind: str) -> int:
+    """How many devices of this kind (``"cuda"``, ``"mps"``, ...) the machine has."""
+    if kind == "cpu":
+        return 1
+    backend = getattr(torch, kind, None)  # torch.cuda, torch.mps, torch.xpu, ...
+    if backend is None or not backend.is_available():
+        return 0
+    return backend.device_count()
+
+
+def resolve_device(name: str | torch.device | None) -> torch.device:
+    """The device called `name`, checked; ``None`` means `default_device()`.
+
+    Raises:
+        ValueError: one line, when `name` is not a device (``"gpu"``), is ``"meta"`` (which holds
+            no data), or names a device this machine does not have (``"cuda"`` without a GPU).
+    """
+    if name is None:
+        return default_device()
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(
+            f"{name!r} is not a device: try 'cpu', 'cuda', 'cuda:1' or 'mps'"
+        ) from None
+    if device.type == "meta":
+        raise ValueError("the 'meta' device holds no numbers: choose 'cpu', 'cuda' or 'mps'")
+    if (device.index or 0) >= _device_count(device.type):
+        raise ValueError(
+            f"this machine has no {device} device (the default here is {default_device()})"
+        )
+    return device

@@ -1,11 +1,29 @@
-"""Fixtures shared by the test files: a seeded RNG and a tiny model configuration.
+"""Fixtures shared by every test file.
 
-The tiny configuration is minGPT's "gpt-nano" scale (3 layers, 3 heads, 48 channels, a 65-symbol
-vocabulary, 64 positions), so that whole-model tests take milliseconds on a CPU.
+- `seed`: seeds PyTorch's global generator.
+- `tiny_config`: minGPT's "gpt-nano" scale (3 layers, 3 heads, 48 channels, a 65-symbol vocabulary,
+  64 positions), so whole-model tests take milliseconds on a CPU.
+- `_one_thread` (automatic): every test runs PyTorch on one CPU thread. Tiny tensors gain nothing
+  from more threads and lose a lot to their start-up and to contention when several test runs
+  share a machine; with it, `test_generate.py` and `test_gpt.py` fell from 116 s to 21 s.
+
+Tests that take seconds rather than milliseconds are marked `@pytest.mark.slow`; `make quick`
+skips them, `make test` runs everything.
 """
+
+from collections.abc import Iterator
 
 import pytest
 import torch
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    """Run the test on one PyTorch thread, then restore the previous setting."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture

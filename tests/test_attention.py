@@ -25,11 +25,29 @@ def x() -> torch.Tensor:
     return torch.randn(B, T, C, generator=g)  # (B, T, C)
 
 
-def make_attention(rope: bool = False, head_dim: int | None = None) -> CausalSelfAttention:
+def make_attention(
+    rope: bool = False, head_dim: int | None = None, fast: bool = True
+) -> CausalSelfAttention:
+    """A seeded module: the same weights for every `fast`, so the two paths can be compared."""
     torch.manual_seed(0)
     hs = head_dim or C // NH
-    attn = CausalSelfAttention(C, NH, head_dim=head_dim, rope=RotaryEmbedding(hs) if rope else None)
+    rotary = RotaryEmbedding(hs) if rope else None
+    attn = CausalSelfAttention(n_embd=C, n_head=NH, head_dim=head_dim, rope=rotary, fast=fast)
     return attn.eval()
+
+
+class ListCache:
+    """The smallest object with KVCache's `update`: it concatenates (the real one, in
+    gpt2_book.generate, writes into buffers allocated once; test_generate.py tests that one)."""
+
+    def __init__(self) -> None:
+        self.k = self.v = None
+
+    def update(self, k, v, start_pos):
+        assert start_pos == (0 if self.k is None else self.k.size(2))
+        self.k = k if self.k is None else torch.cat([self.k, k], dim=2)
+        self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
+        return self.k, self.v
 
 
 def reference_attention(q, k, v):
@@ -61,20 +79,16 @@ def test_manual_attention_equals_sdpa():
 
 @pytest.mark.parametrize("rope", [False, True], ids=["learned-pos", "rope"])
 def test_fast_path_equals_manual_path(x, rope):
-    attn = make_attention(rope=rope)
-    fast = attn(x)
-    attn.fast = False
-    manual = attn(x)
+    fast = make_attention(rope=rope)(x)
+    manual = make_attention(rope=rope, fast=False)(x)
     assert_close(fast, manual, **TOL)
-    assert (fast - manual).abs().max() < 1e-5
 
 
 @pytest.mark.parametrize("rope", [False, True], ids=["learned-pos", "rope"])
 @pytest.mark.parametrize("fast", [True, False], ids=["sdpa", "manual"])
 def test_causality(x, rope, fast):
     """Changing token t+1 and later leaves outputs at positions <= t unchanged."""
-    attn = make_attention(rope=rope)
-    attn.fast = fast
+    attn = make_attention(rope=rope, fast=fast)
     t = 5
     x2 = x.clone()
     x2[:, t + 1 :] += torch.randn(B, T - t - 1, C)
@@ -120,12 +134,45 @@ def test_head_dim_independent_of_n_embd(x, head_dim):
     assert attn.c_proj.weight.shape == (C, NH * head_dim)
     y = attn(x)
     assert y.shape == (B, T, C)
-    attn.fast = False
-    assert_close(attn(x), y, **TOL)
+    assert_close(make_attention(rope=True, head_dim=head_dim, fast=False)(x), y, **TOL)
+
+
+@pytest.mark.parametrize("rope", [False, True], ids=["learned-pos", "rope"])
+def test_qkv_is_what_forward_attends_with(x, rope):
+    """forward == c_proj(manual attention of qkv's tensors, heads side by side)."""
+    attn = make_attention(rope=rope)
+    q, k, v = attn.qkv(x)
+    assert q.shape == k.shape == v.shape == (B, NH, T, C // NH)
+    y, _ = manual_attention(q, k, v)  # (B, nh, T, hs)
+    assert_close(attn(x), attn.c_proj(y.transpose(1, 2).reshape(B, T, C)), **TOL)
+    q7, k7, v7 = attn.qkv(x, start_pos=7)
+    assert_close(v7, v)  # values are never rotated
+    assert rope == bool((q7 - q).abs().max() > 1e-3)  # queries are, at their positions
+
+
+@pytest.mark.parametrize("rope", [False, True], ids=["learned-pos", "rope"])
+@pytest.mark.parametrize("fast", [True, False], ids=["sdpa", "manual"])
+def test_kv_cache_prefill_then_steps_equals_one_call(x, rope, fast):
+    """Tokens fed as 5 + 1 + 3 + 1 + ... through a cache give the outputs of one call; this
+    exercises the bottom-right mask (S > T, T > 1) and the single-query path (T == 1)."""
+    attn = make_attention(rope=rope, fast=fast)
+    cache, parts, t = ListCache(), [], 0
+    for n in (5, 1, 3, 1, 2):
+        parts.append(attn(x[:, t : t + n], start_pos=t, kv_cache=cache))
+        t += n
+    assert t == T
+    assert_close(torch.cat(parts, dim=1), attn(x), **TOL)
+
+
+def test_knobs_are_keyword_only():
+    with pytest.raises(TypeError):
+        CausalSelfAttention(C, NH)
+    with pytest.raises(TypeError):
+        make_attention()(torch.zeros(1, 2, C), 0)  # start_pos must be named
 
 
 def test_parameter_names_and_count():
-    attn = CausalSelfAttention(768, 12)
+    attn = CausalSelfAttention(n_embd=768, n_head=12)
     names = {n: tuple(p.shape) for n, p in attn.named_parameters()}
     assert names == {
         "c_attn.weight": (2304, 768),
@@ -134,12 +181,12 @@ def test_parameter_names_and_count():
         "c_proj.bias": (768,),
     }
     assert sum(p.numel() for p in attn.parameters()) == 2_362_368
-    assert not any(p.requires_grad is False for p in attn.parameters())
 
 
 def test_shared_rope_is_not_in_state_dict():
     rope = RotaryEmbedding(8)
-    a, b = CausalSelfAttention(C, NH, rope=rope), CausalSelfAttention(C, NH, rope=rope)
+    a = CausalSelfAttention(n_embd=C, n_head=NH, rope=rope)
+    b = CausalSelfAttention(n_embd=C, n_head=NH, rope=rope)
     assert a.rope is b.rope
     assert set(a.state_dict()) == {"c_attn.weight", "c_attn.bias", "c_proj.weight", "c_proj.bias"}
 
@@ -150,7 +197,7 @@ def test_matches_hugging_face_gpt2_attention(x, implementation):
     config = GPT2Config(n_embd=C, n_head=NH, n_positions=T, attn_pdrop=0.0, resid_pdrop=0.0)
     config._attn_implementation = implementation
     hf = GPT2Attention(config, layer_idx=0).eval()
-    ours = make_attention()
+    ours, manual = make_attention(), make_attention(fast=False)
     with torch.no_grad():
         hf.c_attn.weight.copy_(ours.c_attn.weight.T)
         hf.c_attn.bias.copy_(ours.c_attn.bias)
@@ -161,9 +208,8 @@ def test_matches_hugging_face_gpt2_attention(x, implementation):
         mask = torch.full((T, T), torch.finfo(torch.float32).min).triu(1)[None, None]
     with torch.no_grad():
         expected = hf(x, attention_mask=mask)[0]
-    for fast in (True, False):
-        ours.fast = fast
-        assert_close(ours(x), expected, **TOL)
+    assert_close(ours(x), expected, **TOL)
+    assert_close(manual(x), expected, **TOL)
 
 
 def test_rope_mode_matches_hugging_face_gpt_neox_attention(x):
@@ -173,7 +219,7 @@ def test_rope_mode_matches_hugging_face_gpt_neox_attention(x):
     )
     config._attn_implementation = "sdpa"  # with no mask given, it applies a causal one
     hf = neox.GPTNeoXAttention(config, layer_idx=0).eval()
-    ours = make_attention(rope=True)
+    ours, manual = make_attention(rope=True), make_attention(rope=True, fast=False)
     hs = C // NH
     with torch.no_grad():  # ours: [q heads | k heads | v heads]; NeoX: [q_h, k_h, v_h] per head
         w = ours.c_attn.weight.view(3, NH, hs, C).transpose(0, 1).reshape(3 * C, C)
@@ -183,14 +229,13 @@ def test_rope_mode_matches_hugging_face_gpt_neox_attention(x):
         hf.dense.bias.copy_(ours.c_proj.bias)
         cos_sin = neox.GPTNeoXRotaryEmbedding(config)(x, torch.arange(T)[None])
         expected = hf(x, attention_mask=None, position_embeddings=cos_sin)[0]
-    for fast in (True, False):
-        ours.fast = fast
-        assert_close(ours(x), expected, **TOL)
+    assert_close(ours(x), expected, **TOL)
+    assert_close(manual(x), expected, **TOL)
 
 
 def test_dropout_only_in_training(x):
     torch.manual_seed(0)
-    attn = CausalSelfAttention(C, NH, dropout=0.5)
+    attn = CausalSelfAttention(n_embd=C, n_head=NH, dropout=0.5)
     attn.train()
     assert (attn(x) - attn(x)).abs().max() > 1e-3  # random masks differ between calls
     attn.eval()

@@ -25,7 +25,7 @@ def x() -> torch.Tensor:
 
 def make_block(rope: bool = False, **kwargs) -> Block:
     torch.manual_seed(0)
-    block = Block(C, NH, rope=RotaryEmbedding(C // NH) if rope else None, **kwargs)
+    block = Block(n_embd=C, n_head=NH, rope=RotaryEmbedding(C // NH) if rope else None, **kwargs)
     with torch.no_grad():  # non-trivial norms, so that a swapped ln_1/ln_2 would show
         for ln in (block.ln_1, block.ln_2):
             ln.weight.uniform_(0.5, 1.5)
@@ -75,7 +75,7 @@ def test_matches_hugging_face_gpt2_block(x):
 
 
 def test_parameter_names_match_gpt2_checkpoint():
-    names = [n for n, _ in Block(768, 12).named_parameters()]
+    names = [n for n, _ in Block(n_embd=768, n_head=12).named_parameters()]
     assert names == [
         "ln_1.weight",
         "ln_1.bias",
@@ -90,18 +90,47 @@ def test_parameter_names_match_gpt2_checkpoint():
         "mlp.c_proj.weight",
         "mlp.c_proj.bias",
     ]
-    assert sum(p.numel() for p in Block(768, 12).parameters()) == 12 * 768**2 + 13 * 768
+    assert (
+        sum(p.numel() for p in Block(n_embd=768, n_head=12).parameters()) == 12 * 768**2 + 13 * 768
+    )
 
 
 def test_arguments_reach_the_sub_layers():
     rope = RotaryEmbedding(10)
-    block = Block(24, 3, head_dim=10, mlp_ratio=2.0, bias=False, dropout=0.25, rope=rope)
-    assert block.attn.head_dim == 10 and block.attn.rope is rope
+    block = Block(
+        n_embd=24,
+        n_head=3,
+        head_dim=10,
+        mlp_ratio=2.0,
+        bias=False,
+        dropout=0.25,
+        rope=rope,
+        fast=False,
+    )
+    assert block.attn.head_dim == 10 and block.attn.rope is rope and not block.attn.fast
     assert block.attn.c_attn.weight.shape == (90, 24) and block.attn.c_attn.bias is None
     assert block.mlp.c_fc.weight.shape == (48, 24) and block.mlp.c_fc.bias is None
     assert block.ln_1.bias is None and block.ln_2.bias is None
     assert block.attn.attn_dropout.p == block.mlp.dropout.p == 0.25
     assert block.eval()(torch.randn(2, 5, 24)).shape == (2, 5, 24)
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["sdpa", "manual"])
+def test_kv_cache_reaches_the_attention(x, fast):
+    """A block fed 6 tokens, then 4 one at a time through a cache, equals one call on all 10."""
+
+    class ListCache:  # the smallest object with KVCache's update
+        k = v = None
+
+        def update(self, k, v, start_pos):
+            self.k = k if self.k is None else torch.cat([self.k, k], dim=2)
+            self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
+            return self.k, self.v
+
+    block, cache = make_block(rope=True, fast=fast), ListCache()
+    parts = [block(x[:, :6], kv_cache=cache)]
+    parts += [block(x[:, t : t + 1], start_pos=t, kv_cache=cache) for t in range(6, T)]
+    assert_close(torch.cat(parts, dim=1), block(x), **TOL)
 
 
 def test_residual_lets_gradient_reach_the_input(x):

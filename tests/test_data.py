@@ -123,9 +123,6 @@ def test_gpt2_pattern_and_ranks_are_tiktokens_r50k():
     ranks = (Path(data.__file__).parent / "assets" / "gpt2.tiktoken").read_bytes()
     assert len(ranks) == 835_554
     assert hashlib.sha256(ranks).hexdigest() == data.GPT2_RANKS_SHA256
-    assert data.GPT2_RANKS_SHA256 == (
-        "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
-    )
 
 
 def test_gpt2_pattern_splits_like_gpt2s_original_encoder(sample):
@@ -197,6 +194,8 @@ def test_prepare_writes_the_stream(tmp_path, sample, kind):
     assert meta["vocab_size"] == tok.vocab_size and meta["eot"] == tok.eot
     assert meta["tokenizer"] == kind
     assert meta["source_sha256"] == hashlib.sha256(sample.encode()).hexdigest()
+    for split, array in [("train", train), ("val", val)]:  # the dataset's identity
+        assert meta["sha256"][split] == hashlib.sha256(array.tobytes()).hexdigest()
 
 
 def test_prepare_defaults_to_the_shipped_corpus(tmp_path):
@@ -225,12 +224,15 @@ def test_prepare_is_idempotent(tmp_path, sample, monkeypatch):
 def test_prepare_rejects_bad_input(tmp_path, sample):
     with pytest.raises(ValueError, match="no such file"):
         prepare(tmp_path / "missing.txt", tmp_path / "d")
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(ValueError, match="folder.*a folder, not a file"):
+        prepare(tmp_path / "folder", tmp_path / "d")
     with pytest.raises(ValueError, match="empty"):
         prepare(_text_file(tmp_path, ""), tmp_path / "d")
     with pytest.raises(ValueError, match="empty"):
         prepare(_text_file(tmp_path, " \n\n"), tmp_path / "d")
     latin1 = b"Hello " + "café".encode("latin-1")
-    with pytest.raises(ValueError, match=r"not UTF-8.*byte 9"):
+    with pytest.raises(ValueError, match=r"input.txt is not UTF-8.*byte 9.*iconv -f latin1"):
         prepare(_text_file(tmp_path, latin1), tmp_path / "d")
     with pytest.raises(ValueError, match=r"too small.*block_size \+ 1 = 257"):
         prepare(_text_file(tmp_path, sample[:1000]), tmp_path / "d", block_size=256)
@@ -246,23 +248,25 @@ def test_prepare_too_small_after_an_earlier_success(tmp_path, sample):
         prepare(src, tmp_path / "d", block_size=5000)
 
 
-def test_failed_write_keeps_the_previous_dataset(tmp_path, sample, monkeypatch):
+def test_failed_write_never_looks_complete(tmp_path, sample, monkeypatch):
     src = _text_file(tmp_path, sample)
     prepare(src, tmp_path / "d", block_size=8)
-    before = {p.name: p.read_bytes() for p in (tmp_path / "d").iterdir()}
-    real_write = data._write_array
+    real_write = Path.write_bytes
 
-    def crash_halfway(path, array):  # the disk fills up in the middle of val.bin
+    def disk_full_at_val(path, content):  # the disk fills up in the middle of val.bin
         if path.name.startswith(".val"):
-            path.write_bytes(array.tobytes()[: array.nbytes // 2])
+            real_write(path, content[: len(content) // 2])
             raise OSError("No space left on device")
-        real_write(path, array)
+        return real_write(path, content)
 
-    monkeypatch.setattr(data, "_write_array", crash_halfway)
+    monkeypatch.setattr(Path, "write_bytes", disk_full_at_val)
     src.write_text(sample[:10_000])
     with pytest.raises(OSError, match="No space"):
         prepare(src, tmp_path / "d", block_size=8)
-    assert {p.name: p.read_bytes() for p in (tmp_path / "d").iterdir()} == before
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="not a prepared dataset"):
+        read_meta(tmp_path / "d")
+    assert prepare(src, tmp_path / "d", block_size=8)["train_tokens"] == 9000  # and it recovers
 
 
 def test_interrupted_swap_never_looks_valid(tmp_path, sample, monkeypatch):
@@ -286,6 +290,35 @@ def test_interrupted_swap_never_looks_valid(tmp_path, sample, monkeypatch):
     with pytest.raises(ValueError, match="run prepare"):
         Batches(tmp_path / "d", "train", 2, 8)
     assert prepare(src, tmp_path / "d", block_size=8)["train_tokens"] == 9000  # and it recovers
+
+
+def _edit_meta(folder: Path, edit) -> None:
+    meta = json.loads((folder / "meta.json").read_text())
+    (folder / "meta.json").write_text(json.dumps(edit(meta)))
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda m: [m], "format-2"),  # a list at the top level
+        (lambda m: "meta", "format-2"),
+        (lambda m: {k: v for k, v in m.items() if k != "vocab_size"}, "'vocab_size' is missing"),
+        (lambda m: m | {"train_tokens": "9000"}, "'train_tokens' is missing or of the wrong type"),
+        (lambda m: m | {"vocab_size": True}, "'vocab_size' is missing or of the wrong type"),
+        (lambda m: m | {"chars": 5}, "'chars' is missing or of the wrong type"),
+        (lambda m: m | {"sha256": "abc"}, "'sha256' is missing or of the wrong type"),
+        (lambda m: m | {"sha256": {"train": "abc"}}, "'sha256' must hold"),
+        (lambda m: m | {"vocab_size": 50257}, "tokenizer, vocab_size and eot disagree"),
+        (lambda m: m | {"tokenizer": "bpe"}, "tokenizer, vocab_size and eot disagree"),
+        (lambda m: m | {"format_version": 1}, "format-2"),
+    ],
+)
+def test_hand_broken_meta_is_named(small_dataset, edit, message):
+    _edit_meta(small_dataset, edit)
+    for reader in (read_meta, load_tokenizer, lambda d: Batches(d, "train", 2, 8)):
+        with pytest.raises(ValueError, match=message) as err:
+            reader(small_dataset)
+        assert str(small_dataset) in str(err.value)
 
 
 def test_mismatched_files_are_detected(small_dataset):

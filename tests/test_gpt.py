@@ -1,21 +1,19 @@
 """Tests for gpt2_book.gpt (chapter notebooks/05_gpt.ipynb).
 
-References: Hugging Face's GPT2LMHeadModel (logits, loss), the published GPT-2 parameter counts,
-manual attention vs SDPA, and behaviour every language model must have (causality, loss at init
-about ln V, memorising one batch).
+References: the published GPT-2 parameter counts, manual attention vs SDPA, and behaviour every
+language model must have (causality, loss at init about ln V, memorising one batch). Parity
+with Hugging Face's GPT2LMHeadModel is in test_pretrained.py, which loads its weights.
 """
 
-import json
+import copy
 import math
-import sys
 from dataclasses import replace
 
-import huggingface_hub
 import pytest
 import torch
-import transformers
 from torch.testing import assert_close
 
+from gpt2_book.attention import CausalSelfAttention
 from gpt2_book.gpt import GPT, GPTConfig
 
 MODES = ["rope", "learned"]
@@ -25,128 +23,32 @@ def _random_ids(config: GPTConfig, B: int = 2, T: int = 16) -> torch.Tensor:
     return torch.randint(0, config.vocab_size, (B, T))
 
 
-# --- parity with Hugging Face ------------------------------------------------------------------
+def _with_manual_attention(model: GPT) -> GPT:
+    """A copy of model whose attention layers are built with fast=False, same weights."""
+    slow = copy.deepcopy(model)
+    for block in slow.transformer.h:
+        fast = block.attn
+        block.attn = CausalSelfAttention(
+            n_embd=fast.c_proj.out_features,
+            n_head=fast.n_head,
+            head_dim=fast.head_dim,
+            bias=fast.c_attn.bias is not None,
+            rope=slow.rope,
+            fast=False,
+        )
+        block.attn.load_state_dict(fast.state_dict())
+    return slow.eval()
 
 
-@pytest.fixture
-def hf_checkpoint(tmp_path, seed):
-    """A small random GPT2LMHeadModel, saved as config.json + model.safetensors."""
-    hf_config = transformers.GPT2Config(
-        n_layer=2,
-        n_head=4,
-        n_embd=64,
-        vocab_size=100,
-        n_positions=32,
-        bos_token_id=0,
-        eos_token_id=0,
-    )
-    hf_model = transformers.GPT2LMHeadModel(hf_config).eval()
-    hf_model.save_pretrained(tmp_path)
-    return hf_model, tmp_path
+class ListCache:
+    """The smallest object with KVCache's `update` (the real one is tested in test_generate)."""
 
+    k = v = None
 
-def test_logits_and_loss_match_hugging_face(hf_checkpoint):
-    hf_model, path = hf_checkpoint
-    model = GPT.from_pretrained(path).eval()
-    assert model.config.pos_encoding == "learned" and model.config.block_size == 32
-    ids = torch.randint(0, 100, (3, 32))
-    with torch.no_grad():
-        ours, loss = model(ids[:, :-1], ids[:, 1:])
-        ref = hf_model(ids, labels=ids)  # Hugging Face shifts the labels itself
-    assert_close(ours, ref.logits[:, :-1], atol=1e-5, rtol=0)
-    assert_close(loss, ref.loss, atol=1e-5, rtol=0)
-
-
-def test_greedy_generation_matches_hugging_face(hf_checkpoint):
-    hf_model, path = hf_checkpoint
-    model = GPT.from_pretrained(path).eval()
-    ids = torch.randint(0, 100, (2, 5))
-    ours = model.generate(ids, 10, temperature=0)
-    ref = ids
-    with torch.no_grad():
-        for _ in range(10):
-            next_id = hf_model(ref).logits[:, -1].argmax(-1, keepdim=True)
-            ref = torch.cat([ref, next_id], dim=1)
-    assert torch.equal(ours, ref)
-
-
-def test_state_dict_round_trip(hf_checkpoint):
-    _, path = hf_checkpoint
-    model = GPT.from_pretrained(path).eval()
-    copy = GPT(model.config).eval()
-    copy.load_state_dict(model.state_dict())
-    assert copy.lm_head.weight is copy.transformer.wte.weight  # loading keeps the tie
-    ids = torch.randint(0, 100, (2, 32))
-    with torch.no_grad():
-        assert torch.equal(copy(ids)[0], model(ids)[0])
-
-
-def test_from_pretrained_accepts_openai_names_without_prefix(hf_checkpoint, tmp_path_factory):
-    """OpenAI's own files store `h.0...` without `transformer.` and carry mask buffers."""
-    from safetensors.torch import load_file, save_file
-
-    hf_model, path = hf_checkpoint
-    tensors = {
-        k.removeprefix("transformer."): v for k, v in load_file(path / "model.safetensors").items()
-    }
-    tensors["h.0.attn.bias"] = torch.ones(1, 1, 32, 32).tril()  # an old causal-mask buffer
-    other = tmp_path_factory.mktemp("openai")
-    save_file(tensors, other / "model.safetensors")
-    (other / "config.json").write_text((path / "config.json").read_text())
-    ids = torch.randint(0, 100, (1, 20))
-    with torch.no_grad():
-        assert_close(GPT.from_pretrained(other)(ids)[0], hf_model(ids).logits, atol=1e-5, rtol=0)
-
-
-def test_from_pretrained_errors(tmp_path, hf_checkpoint):
-    with pytest.raises(FileNotFoundError, match="not a directory"):
-        GPT.from_pretrained(tmp_path / "no_such_dir")
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    (empty / "pytorch_model.bin").write_bytes(b"")
-    with pytest.raises(FileNotFoundError, match="lacks config.json, model.safetensors.*pickled"):
-        GPT.from_pretrained(empty)
-    _, path = hf_checkpoint
-    config = json.loads((path / "config.json").read_text())
-    (path / "config.json").write_text(json.dumps({**config, "n_embd": 32}))
-    with pytest.raises(ValueError, match="c_attn.weight: checkpoint"):
-        GPT.from_pretrained(path)
-    (path / "config.json").write_text(json.dumps({**config, "model_type": "llama"}))
-    with pytest.raises(ValueError, match="model_type"):
-        GPT.from_pretrained(path)
-    (path / "config.json").write_text(json.dumps({**config, "activation_function": "relu"}))
-    with pytest.raises(ValueError, match="activation_function"):
-        GPT.from_pretrained(path)
-
-
-def test_from_pretrained_downloads_hub_names(hf_checkpoint, monkeypatch):
-    """A name that is not a local directory goes to the hub (faked here: no internet)."""
-    hf_model, path = hf_checkpoint
-    asked = []
-
-    def fake_download(repo_id, allow_patterns):
-        asked.append((repo_id, allow_patterns))
-        return str(path)
-
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
-    model = GPT.from_pretrained("openai-community/gpt2").eval()
-    assert asked[0][0] == "openai-community/gpt2" and "config.json" in asked[0][1]
-    ids = torch.randint(0, 100, (1, 10))
-    with torch.no_grad():
-        assert_close(model(ids)[0], hf_model(ids).logits, atol=1e-5, rtol=0)
-
-    def offline(repo_id, allow_patterns):
-        raise ConnectionError("no internet")
-
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
-    with pytest.raises(OSError, match="neither a local directory nor a downloadable"):
-        GPT.from_pretrained("openai-community/gpt2")
-
-
-def test_from_pretrained_without_transformers_says_what_to_install(monkeypatch):
-    monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # import now fails
-    with pytest.raises(ImportError, match="pip install transformers"):
-        GPT.from_pretrained("openai-community/gpt2")
+    def update(self, k, v, start_pos):
+        self.k = k if self.k is None else torch.cat([self.k, k], dim=2)
+        self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
+        return self.k, self.v
 
 
 # --- behaviour -----------------------------------------------------------------------------------
@@ -168,13 +70,29 @@ def test_causal(tiny_config, seed, mode):
 @pytest.mark.parametrize("mode", MODES)
 def test_manual_attention_matches_sdpa(tiny_config, seed, mode):
     model = GPT(replace(tiny_config, pos_encoding=mode)).eval()
+    slow_model = _with_manual_attention(model)
+    assert not any(block.attn.fast for block in slow_model.transformer.h)
     ids = _random_ids(tiny_config, T=40)
     with torch.no_grad():
-        fast = model(ids)[0]
-        for block in model.transformer.h:
-            block.attn.fast = False
-        slow = model(ids)[0]
+        fast, slow = model(ids)[0], slow_model(ids)[0]
     assert_close(fast, slow, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_kv_caches_prefill_then_steps_equals_one_call(tiny_config, seed, mode):
+    model = GPT(replace(tiny_config, pos_encoding=mode)).eval()
+    ids = _random_ids(tiny_config, T=20)
+    caches = [ListCache() for _ in range(tiny_config.n_layer)]
+    with torch.no_grad():
+        full = model(ids)[0]
+        parts = [model(ids[:, :12], kv_caches=caches)[0]]
+        for t in range(12, 20):
+            step = model(ids[:, t : t + 1], start_pos=t, kv_caches=caches, check_ids=False)[0]
+            parts.append(step)
+        last = model(ids, last_only=True)[0]
+    assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=1e-5)
+    assert last.shape == (2, 1, tiny_config.vocab_size)
+    assert_close(last, full[:, -1:], atol=1e-5, rtol=1e-5)
 
 
 def test_batch_elements_are_independent(tiny_config, seed):
@@ -228,7 +146,7 @@ def test_ignore_index_leaves_positions_out_of_the_loss(tiny_config, seed):
 @pytest.mark.parametrize("mode", MODES)
 def test_overfits_one_batch(tiny_config, seed, mode):
     model = GPT(replace(tiny_config, pos_encoding=mode))
-    opt = model.configure_optimizer(learning_rate=1e-2, weight_decay=0.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
     data = _random_ids(tiny_config, B=4, T=33)
     x, y = data[:, :-1], data[:, 1:]
     for _ in range(50):
@@ -274,7 +192,7 @@ def test_weights_are_tied(tiny_config, seed):
     model = GPT(tiny_config)
     wte, head = model.transformer.wte.weight, model.lm_head.weight
     assert head is wte and head.data_ptr() == wte.data_ptr()
-    opt = model.configure_optimizer(1e-2)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     ids = _random_ids(tiny_config)
     model(ids, ids)[1].backward()
     opt.step()
@@ -321,29 +239,6 @@ def test_init_statistics(seed):
             assert torch.all(p == 1), name
 
 
-# --- optimizer ----------------------------------------------------------------------------------
-
-
-def test_optimizer_groups_cover_each_parameter_once(tiny_config):
-    model = GPT(tiny_config)
-    opt = model.configure_optimizer(learning_rate=3e-4, weight_decay=0.1)
-    decay, no_decay = opt.param_groups
-    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
-    grouped = [id(p) for g in opt.param_groups for p in g["params"]]
-    assert sorted(grouped) == sorted(id(p) for p in model.parameters())  # each exactly once
-    assert all(p.dim() >= 2 for p in decay["params"]) and all(
-        p.dim() < 2 for p in no_decay["params"]
-    )
-    assert any(p is model.transformer.wte.weight for p in decay["params"])
-    assert opt.defaults["foreach"] and not opt.defaults["fused"]
-    assert opt.defaults["betas"] == (0.9, 0.95) and opt.defaults["lr"] == 3e-4
-
-
-def test_optimizer_is_fused_on_cuda(tiny_config):
-    opt = GPT(tiny_config).configure_optimizer(1e-3, device_type="cuda")  # CPU supports it too
-    assert opt.defaults["fused"]
-
-
 # --- errors -------------------------------------------------------------------------------------
 
 
@@ -386,21 +281,21 @@ def test_bad_ids_give_clear_errors(tiny_config, seed):
     learned = GPT(replace(tiny_config, pos_encoding="learned"))
     with pytest.raises(ValueError, match="crop the input.*pos_encoding='rope'"):
         learned(_random_ids(tiny_config, B=1, T=tiny_config.block_size + 1))
+    with pytest.raises(ValueError, match="crop the input"):  # also without the id check
+        learned(_random_ids(tiny_config, B=1, T=3), start_pos=tiny_config.block_size - 2)
 
 
-# --- generation ---------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("mode", MODES)
-def test_generate(tiny_config, seed, mode):
-    model = GPT(replace(tiny_config, pos_encoding=mode)).eval()
-    prompt = _random_ids(tiny_config, B=2, T=3)
-    n = tiny_config.block_size + 5  # past the learned table: generate crops the context
-    out = model.generate(prompt, n, temperature=0.8, top_k=5)
-    assert out.shape == (2, 3 + n) and torch.equal(out[:, :3], prompt)
-    assert out.min() >= 0 and out.max() < tiny_config.vocab_size
-    greedy = model.generate(prompt, 8, temperature=0)
-    assert torch.equal(greedy, model.generate(prompt, 8, temperature=0))
-    assert torch.equal(greedy, model.generate(prompt, 8, top_k=1))
-    with pytest.raises(ValueError, match="temperature"):
-        model.generate(prompt, 1, temperature=-1.0)
+def test_check_ids_false_skips_only_the_id_check(tiny_config, seed, monkeypatch):
+    model = GPT(tiny_config).eval()
+    ids = _random_ids(tiny_config)
+    calls = []
+    real_aminmax = torch.aminmax
+    monkeypatch.setattr(torch, "aminmax", lambda t: calls.append(1) or real_aminmax(t))
+    with torch.no_grad():
+        checked, unchecked = model(ids)[0], model(ids, check_ids=False)[0]
+    assert calls == [1]  # one check, in the first call only
+    assert torch.equal(checked, unchecked)
+    with pytest.raises(IndexError):  # no friendly message: the embedding's own error
+        model(torch.tensor([[1, 2, 65]]), check_ids=False)
+    with pytest.raises(ValueError, match=r"\(B, T\)"):  # shape checks stay on
+        model(torch.tensor([1, 2, 3]), check_ids=False)

@@ -26,7 +26,7 @@ def x() -> torch.Tensor:
 @pytest.fixture
 def mlp() -> MLP:
     torch.manual_seed(0)
-    return MLP(C).eval()
+    return MLP(n_embd=C).eval()
 
 
 def formula(mlp: MLP, x: torch.Tensor) -> torch.Tensor:
@@ -46,7 +46,7 @@ def test_uses_the_tanh_approximation_not_exact_gelu(mlp, x):
 
 
 def test_shapes_and_names():
-    mlp = MLP(768)
+    mlp = MLP(n_embd=768)
     shapes = {n: tuple(p.shape) for n, p in mlp.named_parameters()}
     assert shapes == {
         "c_fc.weight": (3072, 768),
@@ -58,7 +58,7 @@ def test_shapes_and_names():
 
 
 def test_mlp_ratio_and_no_bias():
-    mlp = MLP(10, mlp_ratio=2.5, bias=False)
+    mlp = MLP(n_embd=10, mlp_ratio=2.5, bias=False)
     assert mlp.c_fc.weight.shape == (25, 10) and mlp.c_proj.weight.shape == (10, 25)
     assert mlp.c_fc.bias is None and mlp.c_proj.bias is None
     assert mlp(torch.randn(2, 3, 10)).shape == (2, 3, 10)
@@ -77,7 +77,7 @@ def test_per_token_alone_equals_in_context(mlp, x):
 
 def test_dropout_only_in_training(x):
     torch.manual_seed(0)
-    mlp = MLP(C, dropout=0.5)
+    mlp = MLP(n_embd=C, dropout=0.5)
     assert (mlp(x) - mlp(x)).abs().max() > 1e-3
     mlp.eval()
     assert_close(mlp(x), mlp(x))
