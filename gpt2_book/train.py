@@ -96,8 +96,14 @@ _PRESETS = types.MappingProxyType(
 )
 PRESET_NAMES = tuple(_PRESETS)
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
-_COUNTS = ("batch_size", "grad_accum_steps", "max_iters", "lr_decay_iters", "eval_interval",
-           "eval_iters")  # fmt: skip
+_COUNTS = (
+    "batch_size",
+    "grad_accum_steps",
+    "max_iters",
+    "lr_decay_iters",
+    "eval_interval",
+    "eval_iters",
+)
 
 
 def _default_model() -> GPTConfig:
@@ -152,8 +158,11 @@ class TrainConfig:
             *[(name, _is_int(getattr(s, name), 1), "must be an integer >= 1") for name in counts],
             ("learning_rate", _is_real(lr) and lr > 0, "must be a finite number > 0"),
             ("min_lr", _is_real(s.min_lr) and s.min_lr <= lr, "must be in [0, learning_rate]"),
-            ("warmup_iters", _is_int(s.warmup_iters) and s.warmup_iters <= s.lr_decay_iters,
-             "must be an integer in [0, lr_decay_iters]"),
+            (
+                "warmup_iters",
+                _is_int(s.warmup_iters) and s.warmup_iters <= s.lr_decay_iters,
+                "must be an integer in [0, lr_decay_iters]",
+            ),
             ("weight_decay", _is_real(s.weight_decay), "must be a finite number >= 0"),
             ("beta1", _is_real(s.beta1) and s.beta1 < 1, "must be in [0, 1)"),
             ("beta2", _is_real(s.beta2) and s.beta2 < 1, "must be in [0, 1)"),
@@ -162,7 +171,7 @@ class TrainConfig:
             ("device", s.device is None or isinstance(s.device, str), "must be None or a name"),
             ("dtype", s.dtype in _DTYPES, f"must be one of {', '.join(_DTYPES)}"),
             ("compile", isinstance(s.compile, bool), "must be True or False"),
-        ]  # fmt: skip
+        ]
         for name, ok, what in rules:
             if not ok:
                 raise ValueError(f"TrainConfig.{name} = {getattr(self, name)!r} {what}")

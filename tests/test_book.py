@@ -25,7 +25,10 @@ MAX_MODULE_LINES = 350
 
 
 sys.path.insert(0, str(ROOT / "tools"))  # the tools are scripts, not a package
+import check_site  # noqa: E402
+import colab_cell  # noqa: E402
 import export  # noqa: E402
+import sphinx_book  # noqa: E402
 import strip_outputs  # noqa: E402
 
 # Notebooks ----------------------------------------------------------------------------------
@@ -48,6 +51,13 @@ def test_build_machinery_is_hidden_on_the_site(path):
         if strip_outputs.is_machinery(cell):
             tags = cell.metadata.get("tags", [])
             assert "remove-cell" in tags, f"cell {i + 1} is machinery: run `make strip`"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_every_chapter_opens_with_the_colab_cell_for_the_configured_repository(path):
+    notebook = nbformat.read(path, as_version=4)
+    first = next(c for c in notebook.cells if c.cell_type == "code")
+    assert first.source == colab_cell.colab_source(*colab_cell.repository()), "run `make strip`"
 
 
 def test_every_notebook_is_in_the_table_of_contents_in_order():
@@ -247,6 +257,68 @@ def test_import_graph_sees_imports_inside_functions(tmp_path):
     assert _imported_modules(source) == {"gpt", "generate", "data", "rope", "mlp", "block"}
 
 
+# The site -----------------------------------------------------------------------------------
+
+
+def test_bibliography_labels_are_author_year_and_tell_works_apart():
+    from pybtex.database import parse_file
+
+    entries = list(parse_file(ROOT / "references.bib").entries.values())
+    style = sphinx_book.AuthorYearStyle()
+    ordered = style.sort(entries)
+    labels = dict(zip((e.key for e in ordered), style.format_labels(ordered), strict=True))
+    assert len(set(labels.values())) == len(labels), "two works share a label"
+    assert labels["vaswani2017attention"] == "Vaswani et al., 2017"
+    assert labels["kingma2015adam"] == "Kingma and Ba, 2015"
+    assert {labels["sanderson2024attention"], labels["sanderson2024mlp"]} == {
+        "Sanderson, 2024a",
+        "Sanderson, 2024b",
+    }
+    assert sphinx_book._plain("Doll{\\'a}r") == "Dollár"
+    assert labels["bloc97ntk"] == "bloc97, 2023"
+
+
+def test_formatter_pragmas_are_hidden_from_readers():
+    from docutils import nodes
+
+    code = "x = [1,  2]  # fmt: skip\n# fmt: off\ny = 3\n# fmt: on\n\nz = 4"
+    document = nodes.section()
+    document += nodes.literal_block(code, code)
+    sphinx_book._strip_pragmas(None, document)
+    assert document[0].astext() == "x = [1,  2]\ny = 3\n\nz = 4"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(check_site.find_chromium() is None, reason="no Chromium installed")
+def test_site_check_finds_what_a_reader_would_trip_over(tmp_path):
+    page = tmp_path / "notebooks" / "01_x.html"
+    page.parent.mkdir()
+    page.write_text(
+        "<html><body><article><p>$$x = \\frac{1}{2}$$</p>"
+        '<div class="cell_output"><div class="output text_markdown">'
+        "<p>| a | b |\n|---|---|\n| 1 | 2 |</p></div></div>"
+        '<script src="https://cdn.example.org/x.js"></script>'
+        "<script>const A = 1;</script><script>const A = 2;</script>"
+        "</article></body></html>"
+    )
+    server, port = check_site._serve(tmp_path)
+    browser = check_site.Browser(check_site.find_chromium(), tmp_path / "profile")
+    try:
+        report, events = browser.visit(f"http://127.0.0.1:{port}/notebooks/01_x.html")
+    finally:
+        browser.close()
+        server.shutdown()
+    problems = "\n".join(check_site.problems_of("notebooks/01_x.html", report, events))
+    for expected in [
+        "external request: https://cdn.example.org/x.js",
+        "JavaScript error: SyntaxError: Identifier 'A' has already been declared",
+        "raw TeX",
+        "unrendered table",
+        "a chapter without a single figure",
+    ]:
+        assert expected in problems
+
+
 # Environments -------------------------------------------------------------------------------
 
 
@@ -265,5 +337,9 @@ def test_environment_yml_agrees_with_pyproject():
     assert names <= _requirement_names(conda)
     python = next(d for d in conda if d.startswith("python"))
     assert python.replace(" ", "") == "python" + project["requires-python"]
-    # ... and pip installs this package itself, with the book's extras.
-    assert any(re.fullmatch(r"-e \.+/?\[[a-z,]+\]", p) for p in pip), pip
+    # ... and pip installs this package itself, editable (Binder builds from this file), with
+    # the extras the chapters need.
+    editable = [m for p in pip if (m := re.fullmatch(r"-e \./?\[([a-z,]+)\]", p))]
+    assert editable, pip
+    assert {"hf", "lab"} <= set(editable[0].group(1).split(","))
+    assert set(editable[0].group(1).split(",")) <= set(project["optional-dependencies"])
