@@ -113,7 +113,9 @@ def save_checkpoint(state: dict, path: str | Path) -> None:
             raise
         full = getattr(err, "errno", None) == errno.ENOSPC or "write failed" in str(err)
         reason = "no space left on device" if full else str(err).splitlines()[0]
-        raise CheckpointError(f"could not write {path} ({reason}); the previous one is kept")
+        raise CheckpointError(
+            f"could not write {path} ({reason}); the previous one is kept"
+        ) from None
     _fsync_folder(path.parent)
 
 

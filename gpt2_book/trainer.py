@@ -6,31 +6,19 @@ The code of the chapter `notebooks/08_training_for_real.ipynb`, which explains e
 """
 
 import contextlib
-import functools
 import json
-import logging
 import math
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from gpt2_book.checkpoint import (
-    CHECKPOINT_NAME,
-    CheckpointError,
-    RunLock,
-    load_checkpoint,
-    model_config_of,
-    remove_stale_temp_files,
-    save_checkpoint,
-)
-from gpt2_book.data import Batches, read_meta
+from gpt2_book.checkpoint import CheckpointError, RunLock, remove_stale_temp_files, save_checkpoint
 from gpt2_book.distributed import (
-    StopFlag,
     World,
     close_distributed,
     gather,
@@ -38,35 +26,13 @@ from gpt2_book.distributed import (
     no_sync,
     stop_on_signals,
     sum_over_ranks,
-    wrap_ddp,
 )
-from gpt2_book.gpt import GPT, GPTConfig
-from gpt2_book.train import TrainConfig, configure_optimizer, estimate_loss, fixed_batches, get_lr
+from gpt2_book.gpt import GPT
+from gpt2_book.runstate import Run, setup_run
+from gpt2_book.train import TrainConfig, estimate_loss, get_lr
 from gpt2_book.utils import resolve_device
 
 __all__ = ["TrainResult", "TrainingDiverged", "TrainingInterrupted", "read_metrics", "train"]
-
-
-_log = logging.getLogger(__name__)
-
-
-_AMP = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def _amp_dtype(name: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for `TrainConfig.dtype` on `device`; None means plain float32."""
-    if name != "auto":
-        return _AMP[name]
-    if device.type != "cuda":
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
-
-def _autocast(device: torch.device, dtype: torch.dtype | None) -> Callable:
-    """A factory of autocast contexts (or of no-op contexts for float32)."""
-    if dtype is None:
-        return contextlib.nullcontext
-    return functools.partial(torch.autocast, device_type=device.type, dtype=dtype)
 
 
 @dataclass
@@ -102,188 +68,13 @@ def read_metrics(out_dir: str | Path) -> list[dict]:
     return [json.loads(line) for line in lines if line.strip()]
 
 
-@dataclass
-class _Run:
-    """The state of one training run."""
-
-    config: TrainConfig  # with the data's vocab_size
-    model: GPT  # the plain model: what is saved and restored
-    forward: torch.nn.Module  # what the loop calls: the model, compiled and/or wrapped in DDP
-    optimizer: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler
-    autocast: Callable
-    batches: Batches
-    eval_batches: dict[str, list]
-    data_meta: dict
-    world: World
-    out_dir: Path
-    stop: StopFlag
-    it: int = 0  # optimizer steps done
-    elapsed_offset: float = 0.0  # seconds spent in earlier sessions of this run
-    last_saved: int | None = None  # step of the newest checkpoint on disk
-
-    @property
-    def path(self) -> Path:
-        return self.out_dir / CHECKPOINT_NAME
-
-
-def _build(config, data_dir, out_dir, world, device, stop, init_from) -> _Run:
-    """The model (random, or `init_from`'s weights), optimizer and batches; nothing restored."""
-    meta = read_meta(data_dir)
-    config = config.replace(vocab_size=meta["vocab_size"])
-    torch.manual_seed(config.seed)  # the same initial weights on every process
-    model = GPT(config.model)
-    if init_from is not None:
-        model.load_state_dict(_initial_weights(config.model, init_from, meta))
-    model.to(device)
-    dtype = _amp_dtype(config.dtype, device)
-    B, T = config.batch_size, config.model.block_size
-    evals = {
-        s: fixed_batches(
-            data_dir,
-            s,
-            n=config.eval_iters,
-            batch_size=B,
-            block_size=T,
-            seed=config.seed + 10_000,
-            device=device,
-        )
-        for s in ("train", "val")
-    }
-    optimizer = configure_optimizer(
-        model,
-        learning_rate=config.learning_rate,
-        weight_decay=config.weight_decay,
-        betas=(config.beta1, config.beta2),
-        device_type=device.type,
-    )
-    return _Run(
-        config=config,
-        model=model,
-        forward=model,
-        optimizer=optimizer,
-        scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
-        autocast=_autocast(device, dtype),
-        batches=Batches(data_dir, "train", B, T, device, config.seed, world.rank, world.world_size),
-        eval_batches=evals,
-        data_meta=meta,
-        world=world,
-        out_dir=out_dir,
-        stop=stop,
-    )
-
-
-def _initial_weights(config: GPTConfig, init_from: GPT, meta: dict) -> dict:
-    """`init_from`'s weights for a model of `config`, after checking that they fit it."""
-    have = init_from.config
-    if meta["vocab_size"] != have.vocab_size:
-        raise ValueError(
-            f"the data was prepared with the {meta['tokenizer']} tokenizer ({meta['vocab_size']:,}"
-            f" tokens), but the initial weights have a vocabulary of {have.vocab_size:,}: "
-            "prepare it with the weights' tokenizer (`prepare --tokenizer gpt2` for GPT-2's)"
-        )
-    if config.block_size > have.block_size and have.pos_encoding == "learned":
-        raise ValueError(
-            f"block_size={config.block_size} exceeds the {have.block_size} positions the "
-            "initial weights learned: lower it"
-        )
-    for name, value in asdict(config).items():
-        if name not in ("vocab_size", "block_size", "dropout") and value != getattr(have, name):
-            raise ValueError(
-                f"{name}={value!r} does not fit the initial weights, which have "
-                f"{name}={getattr(have, name)!r}: leave it unset, or set it to match"
-            )
-    weights = init_from.state_dict()
-    if "transformer.wpe.weight" in weights:  # keep the positions this run uses
-        weights["transformer.wpe.weight"] = weights["transformer.wpe.weight"][: config.block_size]
-    return weights
-
-
-def _vocabulary(meta: dict) -> dict:
-    return {k: meta.get(k) for k in ("tokenizer", "vocab_size", "chars")}
-
-
-def _contents(meta: dict) -> dict:
-    """What identifies a dataset's tokens: hashes of the text and token files, and sizes."""
-    keys = [k for k in meta if "sha256" in k] + ["val_fraction", "train_tokens", "val_tokens"]
-    return {k: meta.get(k) for k in keys}
-
-
-def _check_same_data(saved: dict, meta: dict, allow_new_data: bool, where: Path) -> None:
-    if _vocabulary(saved) != _vocabulary(meta):
-        raise CheckpointError(
-            f"the run in {where} was trained with another vocabulary ({saved.get('tokenizer')}, "
-            f"{saved.get('vocab_size')} tokens): resume it with the data it was trained on"
-        )
-    old, new = _contents(saved), _contents(meta)
-    changed = sorted(k for k in old.keys() & new.keys() if old[k] != new[k])
-    if changed and not allow_new_data:
-        raise CheckpointError(
-            f"the run in {where} was trained on other data ({changed[0]} differs): resume it "
-            "with the same data, or allow new data explicitly (--allow-new-data)"
-        )
-
-
-def _restore(run: _Run, state: dict, allow_new_data: bool) -> None:
-    """Load a checked checkpoint into a freshly built run, after checking that it fits."""
-    _check_same_data(state["data_meta"], run.data_meta, allow_new_data, run.out_dir)
-    saved, wanted = asdict(model_config_of(state, run.path)), asdict(run.model.config)
-    for name, value in saved.items():
-        if wanted[name] != value:
-            raise CheckpointError(
-                f"the checkpoint in {run.out_dir} has {name}={value!r}, but this run asks for "
-                f"{name}={wanted[name]!r}: resume with the same model settings"
-            )
-    run.model.load_state_dict(state["model"])
-    ranks = state["ranks"]
-    try:
-        run.optimizer.load_state_dict(state["optimizer"])
-        if state["scaler"] and run.scaler.is_enabled():
-            run.scaler.load_state_dict(state["scaler"])
-        if len(ranks) == run.world.world_size:  # else the processes draw new batches
-            mine = ranks[run.world.rank]
-            run.batches.load_state_dict(mine["batches"])
-            torch.set_rng_state(mine["rng"]["cpu"])
-            if mine["rng"]["cuda"] is not None and torch.cuda.is_available():
-                torch.cuda.set_rng_state(mine["rng"]["cuda"])
-    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as err:
-        raise CheckpointError(f"{run.path} is damaged: {type(err).__name__}: {err}") from None
-    run.it, run.elapsed_offset, run.last_saved = state["iter"], state["elapsed_s"], state["iter"]
-
-
-def _setup(config, data_dir, out_dir, resume, world, device, stop, init_from, allow_new_data):
-    """Build the run, restore its checkpoint when resuming, wrap the model for compile/DDP."""
-    exists = (out_dir / CHECKPOINT_NAME).exists()
-    if resume and not exists:
-        raise CheckpointError(f"nothing to resume: no {CHECKPOINT_NAME} in {out_dir}")
-    if exists and not resume:
-        raise CheckpointError(
-            f"{out_dir} already holds a checkpoint: resume it (--resume), or choose another "
-            "out dir (--out-dir)"
-        )
-    if config.grad_accum_steps % world.world_size:
-        raise ValueError(
-            f"TrainConfig.grad_accum_steps = {config.grad_accum_steps} must be a multiple of "
-            f"the number of processes, {world.world_size}"
-        )
-    run = _build(config, data_dir, out_dir, world, device, stop, None if resume else init_from)
-    torch.manual_seed(config.seed + world.rank)  # dropout: a different stream per process
-    if resume:
-        _restore(run, load_checkpoint(run.path), allow_new_data)
-    if config.compile:
-        run.forward = torch.compile(run.model)
-    if world.world_size > 1:
-        run.forward = wrap_ddp(run.forward, device)
-    return run
-
-
-def _kept(run: _Run) -> str:
+def _kept(run: Run) -> str:
     if run.last_saved is None:
         return "no checkpoint was written yet"
     return f"the last good checkpoint, step {run.last_saved}, is {run.path}"
 
 
-def _checkpoint(run: _Run, elapsed_s: float) -> None:
+def _checkpoint(run: Run, elapsed_s: float) -> None:
     """Gather every process's sampler and RNG state; rank 0 writes the checkpoint."""
     finite = torch.stack([p.isfinite().all() for p in run.model.parameters()]).all()
     if not finite:
@@ -313,7 +104,7 @@ def _checkpoint(run: _Run, elapsed_s: float) -> None:
     run.last_saved = run.it
 
 
-def _step(run: _Run, lr: float) -> tuple[float, bool]:
+def _step(run: Run, lr: float) -> tuple[float, bool]:
     """One optimizer step; returns the mean loss over all micro-batches of all processes, and
     whether any process was asked to stop (so that all stop after the same step)."""
     accum = run.config.grad_accum_steps // run.world.world_size
@@ -344,7 +135,7 @@ def _step(run: _Run, lr: float) -> tuple[float, bool]:
     return loss, stops > 0
 
 
-def _eval_loss(run: _Run, batches: list) -> float:
+def _eval_loss(run: Run, batches: list) -> float:
     share = batches[run.world.rank :: run.world.world_size]
     mean = estimate_loss(run.model, share, run.autocast) if share else 0.0
     sums = torch.tensor(
@@ -354,7 +145,7 @@ def _eval_loss(run: _Run, batches: list) -> float:
     return total / count
 
 
-def _evaluate(run: _Run, lr: float, tokens_per_s: float | None, elapsed_s: float) -> dict:
+def _evaluate(run: Run, lr: float, tokens_per_s: float | None, elapsed_s: float) -> dict:
     """Measure train and val loss on the fixed batches; rank 0 appends them to the metrics."""
     row = {"iter": run.it}
     for split, batches in run.eval_batches.items():
@@ -370,7 +161,7 @@ def _evaluate(run: _Run, lr: float, tokens_per_s: float | None, elapsed_s: float
     return row
 
 
-def _start_outputs(run: _Run, resume: bool) -> None:
+def _start_outputs(run: Run, resume: bool) -> None:
     """Rank 0 writes config.json and starts metrics.jsonl (keeping rows up to a resume)."""
     if not run.world.master:
         return
@@ -381,7 +172,7 @@ def _start_outputs(run: _Run, resume: bool) -> None:
     path.write_text("".join(json.dumps(row) + "\n" for row in kept))
 
 
-def _interrupted(run: _Run, elapsed_s: float) -> TrainingInterrupted:
+def _interrupted(run: Run, elapsed_s: float) -> TrainingInterrupted:
     number = run.stop.signal or signal.SIGTERM  # the signal may have reached another process
     if run.it > 0 and run.it != run.last_saved:
         _checkpoint(run, elapsed_s)
@@ -394,7 +185,7 @@ def _interrupted(run: _Run, elapsed_s: float) -> TrainingInterrupted:
     return TrainingInterrupted(message, signal_number=number, step=run.last_saved)
 
 
-def _loop(run: _Run, progress: bool, resumed: bool) -> TrainResult:
+def _loop(run: Run, progress: bool, resumed: bool) -> TrainResult:
     """Evaluate and save every eval_interval steps (and at the end); step in between."""
     cfg, start, t0 = run.config, run.it, time.perf_counter()
     tokens_per_step = cfg.batch_size * cfg.model.block_size * cfg.grad_accum_steps
@@ -481,8 +272,16 @@ def train(
         torch.set_float32_matmul_precision("high")  # float32 matmuls on TF32 tensor cores
     try:
         with _locked(out_dir, world), stop_on_signals() as stop:
-            run = _setup(
-                config, data_dir, out_dir, resume, world, device, stop, init_from, allow_new_data
+            run = setup_run(
+                config,
+                data_dir,
+                out_dir,
+                resume=resume,
+                world=world,
+                device=device,
+                stop=stop,
+                init_from=init_from,
+                allow_new_data=allow_new_data,
             )
             _start_outputs(run, resume)
             return _loop(run, progress, resumed=resume)
