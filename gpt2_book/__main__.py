@@ -93,16 +93,56 @@ def _parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", parser_class=_Parser, metavar="COMMAND")
 
-    prep = commands.add_parser("prepare", help="tokenize a text file for training")
-    prep.add_argument("--input", help="UTF-8 text file (default: the shipped Shakespeare)")
+    prep = commands.add_parser(
+        "prepare",
+        help="tokenize text for training: a file, a folder, JSON Lines, Parquet, a HF dataset",
+    )
+    source = prep.add_mutually_exclusive_group()
+    source.add_argument(
+        "--input",
+        help="a UTF-8 text file, a folder or a glob pattern of .txt, .jsonl or .parquet files "
+        "(default: the shipped Shakespeare)",
+    )
+    source.add_argument(
+        "--hf-dataset",
+        metavar="NAME",
+        help="a Hugging Face dataset, streamed, e.g. HuggingFaceFW/fineweb-edu "
+        "(needs `pip install datasets`)",
+    )
+    prep.add_argument("--hf-config", metavar="NAME", help="its configuration, e.g. sample-10BT")
+    prep.add_argument("--split", default="train", help="its split (default: train)")
+    prep.add_argument(
+        "--text-field", default="text", help="the field of a record that holds its text"
+    )
     prep.add_argument("--tokenizer", choices=TOKENIZERS, default="char")
     prep.add_argument("--out-dir", type=Path, help="default: data/<input name>-<tokenizer>")
-    prep.add_argument("--val-fraction", type=float, default=0.1, help="default 0.1")
+    val = prep.add_mutually_exclusive_group()
+    val.add_argument(
+        "--val-fraction",
+        type=_positive(float),
+        default=0.1,
+        help="share of the token stream, from its end, kept for validation (default 0.1)",
+    )
+    val.add_argument(
+        "--val-docs",
+        type=_positive(int),
+        metavar="N",
+        help="instead, the first N documents make the validation split",
+    )
+    prep.add_argument("--max-tokens", type=_positive(int), metavar="N", help="stop after N tokens")
     prep.add_argument(
         "--block-size",
         type=_positive(int),
         default=256,
         help="longest context to be trained on; checks the text is long enough",
+    )
+    prep.add_argument(
+        "--workers", type=_positive(int), help="threads that tokenize (default: every core)"
+    )
+    prep.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        help="show a progress bar (default: when stderr is a terminal)",
     )
     prep.set_defaults(func=cli.prepare_command)
 
@@ -167,10 +207,18 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument(
         "--input",
         type=Path,
-        required=True,
         help="a token file from `prepare` (e.g. val.bin), or a UTF-8 text file",
     )
-    ev.add_argument("--context", type=_positive(int), required=True, help="window length T")
+    ev.add_argument("--context", type=_positive(int), help="window length T (with --input)")
+    ev.add_argument(
+        "--hellaswag",
+        type=Path,
+        metavar="FILE",
+        help="instead of --input: score HellaSwag items, e.g. hellaswag_val.jsonl",
+    )
+    ev.add_argument(
+        "--max-items", type=_positive(int), metavar="N", help="with --hellaswag: the first N"
+    )
     ev.add_argument(
         "--window",
         type=_positive(int),

@@ -38,22 +38,53 @@ def _shipped_data(block_size: int, tokenizer: str = "char") -> Path:
     raise ValueError(f"timed out waiting for local rank 0 to prepare {data_dir}")
 
 
-def prepare_command(args: argparse.Namespace) -> int:
-    from gpt2_book.data import prepare
+def _dataset_name(args: argparse.Namespace) -> str:
+    """The default --out-dir's stem: the input's name, or the dataset's and its config."""
+    if args.hf_dataset:
+        return "-".join(filter(None, [Path(args.hf_dataset).name, args.hf_config]))
+    if not args.input:
+        return "shakespeare"
+    path = Path(args.input)
+    if any(c in path.name for c in "*?["):  # a glob pattern: name it after its folder
+        return path.parent.name or "corpus"
+    return path.stem
 
+
+def prepare_command(args: argparse.Namespace) -> int:
+    import sys
+
+    from gpt2_book.corpus import hf_corpus, open_corpus
+    from gpt2_book.data import shakespeare_path
+    from gpt2_book.prepare import PrepareConfig, prepare_corpus
+
+    if args.hf_config and not args.hf_dataset:
+        raise ValueError("--hf-config belongs to --hf-dataset")
+    if args.hf_dataset:
+        corpus = hf_corpus(
+            args.hf_dataset, config=args.hf_config, split=args.split, text_field=args.text_field
+        )
+    else:
+        corpus = open_corpus(args.input or shakespeare_path(), text_field=args.text_field)
     if args.out_dir is None:
-        stem = Path(args.input).stem if args.input else "shakespeare"
-        args.out_dir = Path("data") / f"{stem}-{args.tokenizer}"
-    meta = prepare(
-        args.input,
-        args.out_dir,
+        args.out_dir = Path("data") / f"{_dataset_name(args)}-{args.tokenizer}"
+    config = PrepareConfig(
         tokenizer=args.tokenizer,
         val_fraction=args.val_fraction,
+        val_docs=args.val_docs,
+        max_tokens=args.max_tokens,
         block_size=args.block_size,
+        workers=args.workers,
     )
+    progress = sys.stderr.isatty() if args.progress is None else args.progress
+    try:
+        meta = prepare_corpus(corpus, args.out_dir, config, progress=progress)
+    except KeyboardInterrupt:
+        print(f"gpt2-book prepare: interrupted; {args.out_dir} is as it was", file=sys.stderr)
+        return 130
     print(
         f"{args.out_dir}: {meta['train_tokens']:,} train and {meta['val_tokens']:,} val tokens, "
-        f"vocabulary of {meta['vocab_size']:,} ({args.tokenizer})"
+        f"vocabulary of {meta['vocab_size']:,} ({args.tokenizer}), "
+        f"{meta['documents']:,} document(s)"
     )
     return 0
 
@@ -181,7 +212,11 @@ def evaluate_command(args: argparse.Namespace) -> int:
 
     from gpt2_book.evaluate import load_tokens, loss_per_position, perplexity, rescale_rope
 
+    if (args.hellaswag is None) == (args.input is None) or (args.input and not args.context):
+        raise ValueError("give --input and --context, or --hellaswag FILE")
     model, tokenizer = _load(args.checkpoint, args.device)
+    if args.hellaswag is not None:
+        return _hellaswag(model, tokenizer, args)
     if args.rope_scale is not None or args.rope_base is not None:
         model = rescale_rope(model, scale=args.rope_scale or 1.0, base=args.rope_base)
     if args.input.suffix == ".bin":  # token ids written by `prepare`
@@ -207,6 +242,20 @@ def evaluate_command(args: argparse.Namespace) -> int:
             f"positions < {trained} (trained length): {losses[:trained].mean():.4f}; "
             f"positions >= {trained}: {losses[trained:].mean():.4f}"
         )
+    return 0
+
+
+def _hellaswag(model, tokenizer, args: argparse.Namespace) -> int:
+    import sys
+
+    from gpt2_book.hellaswag import hellaswag, read_hellaswag
+
+    items = read_hellaswag(args.hellaswag)
+    scores = hellaswag(model, items, tokenizer, limit=args.max_items, progress=sys.stderr.isatty())
+    print(
+        f"{args.hellaswag}: {scores['items']:,} items: acc {scores['acc']:.4f}, "
+        f"acc_norm {scores['acc_norm']:.4f} (chance: 0.25)"
+    )
     return 0
 
 

@@ -14,7 +14,16 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["PIECE_BYTES", "Corpus", "RECORD_SUFFIXES", "open_corpus", "hf_corpus"]
+__all__ = [
+    "PIECE_BYTES",
+    "Corpus",
+    "RECORD_SUFFIXES",
+    "open_corpus",
+    "hf_corpus",
+    "Unit",
+    "work_units",
+    "clip_units",
+]
 
 
 def _safe_cut(text: str) -> int:
@@ -187,3 +196,52 @@ def hf_corpus(
         raise ValueError("reading a Hugging Face dataset needs its library: pip install datasets")
     documents = functools.partial(_hf_documents, name, config, split, text_field)
     return Corpus(":".join(filter(None, [name, config, split])), documents)
+
+
+# A work unit: (split, [(separator_before, text), ...], number of documents started in it).
+Unit = tuple[str, list[tuple[bool, str]], int]
+
+
+def work_units(
+    documents: Iterable[Iterable[str]], *, val_docs: int, unit_chars: int
+) -> Iterator[Unit]:
+    """The documents in order, regrouped into units of about `unit_chars` characters.
+
+    Documents 0 to val_docs - 1 go to "val", the rest to "train"; a unit never mixes the two.
+    """
+    started = {"train": False, "val": False}
+    split, pieces, size, docs = ("val" if val_docs else "train"), [], 0, 0
+    for n, document in enumerate(documents):
+        if n == val_docs and pieces:  # the last validation document is done
+            yield split, pieces, docs
+            pieces, size, docs = [], 0, 0
+        split, first = ("val" if n < val_docs else "train"), True
+        for text in document:
+            if not text:
+                continue
+            pieces.append((first and started[split], text))
+            docs, first, started[split] = docs + first, False, True
+            size += len(text)
+            if size >= unit_chars:
+                yield split, pieces, docs
+                pieces, size, docs = [], 0, 0
+    if pieces:
+        yield split, pieces, docs
+
+
+def clip_units(units: Iterable[Unit], max_chars: int | None) -> Iterator[Unit]:
+    """The units up to `max_chars` characters in all, the last one cut short (None: all)."""
+    if max_chars is None:
+        yield from units
+        return
+    left = max_chars
+    for split, pieces, docs in units:
+        kept = []
+        for separator, text in pieces:
+            kept.append((separator, text[:left]))
+            left -= len(kept[-1][1])
+            if left == 0:
+                break
+        yield split, kept, docs
+        if left == 0:
+            return

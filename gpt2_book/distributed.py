@@ -128,9 +128,12 @@ def stop_on_signals() -> Iterator[StopFlag]:
         yield stop
         return
 
+    seen = set()
+
     def handle(signum: int, frame: object) -> None:
-        if signum == signal.SIGINT and stop.signal == signal.SIGINT:
+        if signum == signal.SIGINT and signum in seen:  # Ctrl-C twice: stop now
             raise KeyboardInterrupt
+        seen.add(signum)
         stop.signal = stop.signal or signum
 
     old = {s: signal.signal(s, handle) for s in (signal.SIGINT, signal.SIGTERM)}

@@ -8,6 +8,7 @@ The code of the chapter `notebooks/11_experiments.ipynb`, which explains every l
 import copy
 import dataclasses
 import math
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ from torch import Tensor
 from gpt2_book.attention import manual_attention
 from gpt2_book.gpt import GPT
 from gpt2_book.rope import RotaryEmbedding
+from gpt2_book.train import TrainConfig, configure_optimizer, get_lr, train_step
 
 __all__ = [
     "load_tokens",
@@ -26,7 +28,12 @@ __all__ = [
     "perplexity",
     "rescale_rope",
     "ntk_rope_base",
+    "yarn_rope",
     "attention_weights",
+    "with_passkeys",
+    "passkey_windows",
+    "passkey_recall",
+    "train_steps",
 ]
 
 
@@ -144,7 +151,7 @@ def perplexity(losses: Tensor) -> float:
     return math.exp(losses.float().mean().item())
 
 
-def rescale_rope(model: GPT, scale: float = 1.0, base: float | None = None) -> GPT:
+def rescale_rope(model: GPT, *, scale: float = 1.0, base: float | None = None) -> GPT:
     """A copy of a RoPE model whose rotary embedding has new settings; no retraining.
 
     Args:
@@ -160,13 +167,21 @@ def rescale_rope(model: GPT, scale: float = 1.0, base: float | None = None) -> G
         raise ValueError("rescale_rope needs a model with pos_encoding='rope', not 'learned'")
     old = model.rope
     base = old.base if base is None else base
-    rope = RotaryEmbedding(old.head_dim, base, old.cos.shape[0], scale).to(old.cos.device)
+    rope = RotaryEmbedding(
+        head_dim=old.head_dim, base=base, max_seq_len=old.cos.shape[0], scale=scale
+    )
+    new = _with_rope(model, rope.to(old.cos.device))
+    new.config = dataclasses.replace(new.config, rope_base=float(base))
+    return new
+
+
+def _with_rope(model: GPT, rope: RotaryEmbedding) -> GPT:
+    """A deep copy of model with `rope` wherever the model's shared RotaryEmbedding was."""
     new = copy.deepcopy(model)
     for module in list(new.modules()):  # the GPT and every attention layer hold the shared one
         for name, child in list(module.named_children()):
             if isinstance(child, RotaryEmbedding):
                 setattr(module, name, rope)
-    new.config = dataclasses.replace(new.config, rope_base=float(base))
     return new
 
 
@@ -179,6 +194,53 @@ def ntk_rope_base(base: float, head_dim: int, factor: float) -> float:
     if head_dim < 4 or factor <= 0:
         raise ValueError(f"need head_dim >= 4 and factor > 0, got {head_dim} and {factor}")
     return base * factor ** (head_dim / (head_dim - 2))
+
+
+class _PairwiseRotary(RotaryEmbedding):
+    """A RotaryEmbedding whose pair i turns at theta[i] per position, with its cos/sin tables
+    (and so q and k) multiplied by `gain`; for YaRN."""
+
+    def __init__(self, theta: Tensor, *, gain: float, max_seq_len: int) -> None:
+        super().__init__(head_dim=2 * len(theta), max_seq_len=1)  # a stub table, rebuilt below
+        self.theta, self.gain = theta.double().cpu(), gain
+        self.cos, self.sin = self._tables(max_seq_len, self.cos.device)
+
+    def _tables(self, seq_len: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        positions = torch.arange(seq_len, dtype=torch.float64)  # (T,)
+        angles = torch.outer(positions, self.theta)  # (T, hs/2)
+        cos = torch.cat([angles.cos(), angles.cos()], dim=-1) * self.gain  # (T, hs)
+        sin = torch.cat([-angles.sin(), angles.sin()], dim=-1) * self.gain  # (T, hs), signed
+        return cos.float().to(device), sin.float().to(device)
+
+
+def yarn_rope(
+    model: GPT, *, factor: float, train_len: int, alpha: float = 1.0, beta: float = 32.0
+) -> GPT:
+    """A copy of a RoPE model with YaRN's frequencies and attention scaling; no retraining.
+
+    Peng et al. (2023), "YaRN: Efficient Context Window Extension of Large Language Models",
+    https://arxiv.org/abs/2309.00071: pairs that turn more than beta times within train_len keep
+    their frequency, pairs that turn less than alpha times are interpolated by `factor`, and
+    those between are blended; q and k are scaled by 0.1 ln(factor) + 1.
+
+    Args:
+        model: a `GPT` with pos_encoding="rope"; it is left unchanged.
+        factor: new context / train_len (>= 1); train_len: the context trained on.
+        alpha, beta: the turn counts where interpolation stops and starts (the paper's values).
+    """
+    if model.rope is None or factor < 1 or not 0 < alpha < beta:
+        raise ValueError(
+            f"yarn_rope needs a RoPE model, factor >= 1 and 0 < alpha < beta, got "
+            f"pos_encoding={model.config.pos_encoding!r}, {factor=}, {alpha=}, {beta=}"
+        )
+    old = model.rope
+    exponents = torch.arange(0, old.head_dim, 2, dtype=torch.float64) / old.head_dim
+    theta = old.scale * old.base**-exponents  # (hs/2,) radians per position
+    turns = train_len * theta / (2 * math.pi)  # (hs/2,): r_i, turns within the training length
+    keep = ((turns - alpha) / (beta - alpha)).clamp(0, 1)  # gamma_i: 1 keeps theta_i
+    theta = (1 - keep) * theta / factor + keep * theta
+    rope = _PairwiseRotary(theta, gain=0.1 * math.log(factor) + 1, max_seq_len=old.cos.shape[0])
+    return _with_rope(model, rope.to(old.cos.device))
 
 
 @torch.no_grad()
@@ -196,18 +258,119 @@ def attention_weights(model: GPT, idx: Tensor, layer: int) -> Tensor:
     attn = model.transformer.h[layer].attn
     seen = {}
 
-    def keep_input(module, args, output):
+    def keep_input(module: torch.nn.Module, args: tuple) -> None:
         seen["x"] = args[0]  # (B, T, C): the block's input after ln_1
 
-    handle = attn.register_forward_hook(keep_input)
+    handle = attn.register_forward_pre_hook(keep_input)
     try:
         model(idx.to(next(model.parameters()).device))
     finally:
         handle.remove()
-    B, T, C = seen["x"].shape
-    nh, hs = attn.n_head, attn.head_dim
-    q, k, v = attn.c_attn(seen["x"]).split(nh * hs, dim=2)  # 3 x (B, T, nh * hs)
-    q, k, v = (t.view(B, T, nh, hs).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs) each
-    if attn.rope is not None:
-        q, k = attn.rope(q), attn.rope(k)
+    q, k, v = attn.qkv(seen["x"])  # (B, nh, T, hs) each, rotated at positions 0..T-1
     return manual_attention(q, k, v)[1]  # (B, nh, T, T)
+
+
+def with_passkeys(
+    batches: Iterable[tuple[Tensor, Tensor]],
+    *,
+    keys: Sequence[int],
+    marker: int,
+    recalls: int = 3,
+    seed: int = 0,
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """Batches with a passkey in every row: a key id in the first half of the row, then
+    `recalls` times the marker followed by the same key, at random later places.
+
+    Args:
+        batches: yields (x, y), (B, T) each, y being x shifted by one (e.g. `Batches`).
+        keys: the ids a row's key is drawn from; marker: the id that asks for the key.
+        recalls: marker-key pairs per row; seed: seeds the placement.
+
+    Yields:
+        (x, y), (B, T) each, still shifted by one.
+    """
+    g = torch.Generator().manual_seed(seed)
+    keys = torch.as_tensor(keys)
+    for x, y in batches:
+        rows = torch.cat([x, y[:, -1:]], dim=1)  # (B, T + 1): the stretch of text of the batch
+        B, N = rows.shape
+        if N < 4 * recalls + 4:
+            raise ValueError(f"windows of {N - 1} tokens are too short for {recalls} recalls")
+        where = torch.randint(0, N // 2, (B, 1), generator=g)  # (B, 1): the key's position
+        key = keys[torch.randint(0, len(keys), (B, 1), generator=g)]  # (B, 1)
+        slots = where + 1 + 2 * torch.arange((N - 1) // 2)  # (B, S): marker places, 2 apart
+        score = torch.rand(slots.shape, generator=g).masked_fill(slots + 1 >= N, 2.0)
+        marks = slots.gather(1, score.argsort(dim=1)[:, :recalls])  # (B, recalls)
+        rows.scatter_(1, where.to(rows.device), key.to(rows.device))
+        rows.scatter_(1, marks.to(rows.device), marker)
+        rows.scatter_(1, (marks + 1).to(rows.device), key.expand_as(marks).to(rows.device))
+        yield rows[:, :-1], rows[:, 1:]
+
+
+def passkey_windows(
+    tokens: Tensor, *, context: int, n: int, keys: Sequence[int], marker: int, seed: int = 0
+) -> tuple[Tensor, Tensor]:
+    """n windows of `context` tokens of text, with a key at position 4 and the marker last.
+
+    Returns:
+        windows (n, context) and their keys (n,), int64 on the CPU.
+    """
+    if context < 6:
+        raise ValueError(f"context must be at least 6 tokens for a passkey, got {context}")
+    windows = _windows(tokens, context, n)[0].clone()  # (n, T)
+    g = torch.Generator().manual_seed(seed)
+    answer = torch.as_tensor(keys)[torch.randint(0, len(keys), (len(windows),), generator=g)]
+    windows[:, 4], windows[:, -1] = answer, marker  # the key is context - 5 tokens back
+    return windows, answer
+
+
+@torch.no_grad()
+def passkey_recall(
+    model: GPT, windows: Tensor, answer: Tensor, *, window: int | None = None
+) -> tuple[float, float]:
+    """How well a model recalls the key after the final marker of each window.
+
+    Args:
+        windows: (n, T) from `passkey_windows`; answer: (n,) their keys.
+        window: show the model only the last `window` tokens; None: all of them.
+
+    Returns:
+        The mean loss (nats) of predicting the key, and the share of windows where the key
+        is the model's most likely next token.
+    """
+    device = next(model.parameters()).device
+    x = windows if window is None else windows[:, -window:]  # (n, T')
+    was_training = model.training
+    model.eval()
+    logits = torch.cat([model(part.to(device), last_only=True)[0][:, -1] for part in x.split(16)])
+    model.train(was_training)
+    answer = answer.to(device)
+    loss = F.cross_entropy(logits.float(), answer).item()  # logits (n, V)
+    return loss, (logits.argmax(dim=-1) == answer).float().mean().item()
+
+
+def train_steps(
+    model: GPT,
+    batches: Iterator[tuple[Tensor, Tensor]],
+    *,
+    steps: int,
+    learning_rate: float,
+    warmup_iters: int,
+    weight_decay: float = 0.1,
+) -> list[float]:
+    """Train for `steps` steps with chapter 07's `train_step`, a fresh AdamW and its schedule:
+    linear warmup over warmup_iters, then cosine decay to learning_rate / 10 at the last step.
+
+    Returns:
+        The training loss of every step; the model is left in eval mode.
+    """
+    schedule = TrainConfig(
+        max_iters=steps, lr_decay_iters=steps, warmup_iters=warmup_iters,
+        learning_rate=learning_rate, min_lr=learning_rate / 10,
+    )  # fmt: skip
+    optimizer = configure_optimizer(model, learning_rate=learning_rate, weight_decay=weight_decay)
+    model.train()
+    lrs = [get_lr(it, schedule) for it in range(steps)]
+    losses = [train_step(model, optimizer, batches, lr=lr)[0] for lr in lrs]
+    model.eval()
+    return losses

@@ -22,14 +22,16 @@ __all__ = ["read_hellaswag", "render", "ending_losses", "hellaswag"]
 
 
 def _is_item(item: object) -> bool:
-    endings = item.get("endings") if isinstance(item, dict) else None
+    if not isinstance(item, dict):
+        return False
+    endings, label = item.get("endings"), item.get("label")
     return (
         isinstance(item.get("ctx"), str)
         and isinstance(endings, list)
         and len(endings) == 4
         and all(isinstance(e, str) for e in endings)
-        and type(item.get("label")) is int
-        and 0 <= item["label"] < 4
+        and type(label) is int
+        and 0 <= label < 4
     )
 
 

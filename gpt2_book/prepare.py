@@ -19,7 +19,7 @@ from typing import BinaryIO
 import numpy as np
 from tqdm.auto import tqdm
 
-from gpt2_book.corpus import Corpus, open_corpus
+from gpt2_book.corpus import Corpus, Unit, clip_units, open_corpus, work_units
 from gpt2_book.data import (
     EOT_TEXT,
     FORMAT_VERSION,
@@ -29,36 +29,7 @@ from gpt2_book.data import (
     read_meta,
 )
 
-__all__ = ["Unit", "PrepareConfig", "prepare_corpus", "verify"]
-
-
-# A work unit: (split, [(separator_before, text), ...], number of documents started in it).
-Unit = tuple[str, list[tuple[bool, str]], int]
-
-
-def _units(documents: Iterable[Iterable[str]], *, val_docs: int, unit_chars: int) -> Iterator[Unit]:
-    """The documents in order, regrouped into units of about `unit_chars` characters.
-
-    Documents 0 to val_docs - 1 go to "val", the rest to "train"; a unit never mixes the two.
-    """
-    started = {"train": False, "val": False}
-    split, pieces, size, docs = ("val" if val_docs else "train"), [], 0, 0
-    for n, document in enumerate(documents):
-        if n == val_docs and pieces:  # the last validation document is done
-            yield split, pieces, docs
-            pieces, size, docs = [], 0, 0
-        split, first = ("val" if n < val_docs else "train"), True
-        for text in document:
-            if not text:
-                continue
-            pieces.append((first and started[split], text))
-            docs, first, started[split] = docs + first, False, True
-            size += len(text)
-            if size >= unit_chars:
-                yield split, pieces, docs
-                pieces, size, docs = [], 0, 0
-    if pieces:
-        yield split, pieces, docs
+__all__ = ["PrepareConfig", "prepare_corpus", "verify"]
 
 
 @functools.lru_cache(maxsize=1)
@@ -118,21 +89,9 @@ def _ordered_map(fn: Callable, tasks: Iterable, *, workers: int) -> Iterator[tup
                 future.cancel()
 
 
-def _chars_in(task: tuple[Unit, int | None]) -> set[int]:
-    """The distinct code points among a unit's first `limit` characters (all for None)."""
-    unit, limit = task
-    codes = _codes("".join(text for _, text in unit[1])[:limit])
-    return set(np.flatnonzero(np.bincount(codes)).tolist())
-
-
-def _within(units: Iterable[Unit], max_chars: int | None) -> Iterator[tuple[Unit, int | None]]:
-    """Each unit with how many of its characters are still within `max_chars` (None: all)."""
-    seen = 0
-    for unit in units:
-        if max_chars is not None and seen >= max_chars:
-            return
-        yield unit, None if max_chars is None else max_chars - seen
-        seen += sum(len(text) for _, text in unit[1])
+def _chars_in(unit: Unit) -> set[int]:
+    """The distinct code points of a unit's text."""
+    return set(np.flatnonzero(np.bincount(_codes("".join(t for _, t in unit[1])))).tolist())
 
 
 def _cpu_count() -> int:
@@ -184,11 +143,10 @@ class PrepareConfig:
 
 def _vocabulary(corpus: Corpus, config: PrepareConfig) -> str:
     """Pass one of the char tokenizer: the sorted characters of the text that pass two encodes."""
-    units = _units(corpus.documents(), val_docs=0, unit_chars=config.unit_chars)
+    units = work_units(corpus.documents(), val_docs=0, unit_chars=config.unit_chars)
+    units = clip_units(units, config.max_tokens)  # one character is one token
     found = set()
-    for _, codes in _ordered_map(
-        _chars_in, _within(units, config.max_tokens), workers=config.workers or _cpu_count()
-    ):
+    for _, codes in _ordered_map(_chars_in, units, workers=config.workers or _cpu_count()):
         found |= codes
     if len(found) > 2**16:
         raise ValueError(
@@ -203,7 +161,12 @@ def _write_tokens(
     """Stream the corpus's ids, in order, into the open split files; returns counts and hash."""
     counts = {"train": 0, "val": 0, "documents": 0}
     source, bytes_read, total, limit = hashlib.sha256(), 0, 0, config.max_tokens
-    units = _units(corpus.documents(), val_docs=config.val_docs or 0, unit_chars=config.unit_chars)
+    joint = b"" if chars is not None else EOT_TEXT.encode()  # what separates two documents
+    units = work_units(
+        corpus.documents(), val_docs=config.val_docs or 0, unit_chars=config.unit_chars
+    )
+    if chars is not None:  # not a character more than the first pass saw
+        units = clip_units(units, limit)
     encode = functools.partial(_encode, chars=chars, special=corpus.special)
     for (split, pieces, docs), ids in _ordered_map(
         encode, units, workers=config.workers or _cpu_count()
@@ -213,9 +176,9 @@ def _write_tokens(
         counts[split] += len(ids)
         counts["documents"] += docs
         total += len(ids)
-        for separator, text in pieces:
+        for separator, text in pieces:  # the text chapter 06 would need for these ids
             data = text.encode("utf-8", "surrogatepass")
-            source.update(EOT_TEXT.encode() + data if separator else data)
+            source.update(joint + data if separator else data)
             bytes_read += len(data)
         if corpus.size and limit is None:  # the estimate of the total, for the time left
             bar.total = max(total, round(total * corpus.size / max(bytes_read, 1)))

@@ -197,8 +197,20 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, settings: dict) -> "TrainConfig":
-        """The inverse of `dataclasses.asdict`: how a run's settings are read back from files."""
-        return cls(**{**settings, "model": GPTConfig(**settings["model"])})
+        """The inverse of `dataclasses.asdict`: how a run's settings are read back from a file.
+
+        A ValueError names a field that is unknown, missing or of the wrong kind.
+        """
+        names = {f.name for f in fields(cls)}
+        if not isinstance(settings, dict) or not isinstance(settings.get("model"), dict):
+            raise ValueError("saved TrainConfig settings must be a dict holding a 'model' dict")
+        for name in sorted(set(settings) ^ names):
+            state = "unknown" if name in settings else "missing"
+            raise ValueError(f"saved TrainConfig settings: {state} field {name!r}")
+        try:
+            return cls(**{**settings, "model": GPTConfig(**settings["model"])})
+        except TypeError as err:  # an unknown or missing GPTConfig field
+            raise ValueError(f"saved TrainConfig settings: {err}") from None
 
 
 def fixed_batches(

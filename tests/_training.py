@@ -33,6 +33,7 @@ def tiny_config(**overrides) -> TrainConfig:
 
 def prepare_slice(folder: Path, start: int = 0, n: int = 20_000) -> Path:
     """Characters [start, start + n) of the shipped corpus, prepared char-level in folder/char."""
+    folder.mkdir(parents=True, exist_ok=True)
     text = folder / "input.txt"
     text.write_text(shakespeare_path().read_text()[start : start + n])
     prepare(text, folder / "char", tokenizer="char", block_size=16)

@@ -10,6 +10,7 @@ import time
 
 import pytest
 import torch
+from _training import prepare_slice, tiny_config
 
 from gpt2_book.checkpoint import (
     CHECKPOINT_NAME,
@@ -25,7 +26,6 @@ from gpt2_book.checkpoint import (
 )
 from gpt2_book.gpt import GPT, GPTConfig
 from gpt2_book.trainer import train
-from _training import prepare_slice, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -93,8 +93,9 @@ def test_non_finite_weights_are_never_written(trained, tmp_path):
     broken["model"]["lm_head.weight"] = torch.full_like(state["model"]["lm_head.weight"], torch.nan)
     with pytest.raises(CheckpointError, match="refusing to write.*nan or inf"):
         save_checkpoint(broken, path)
-    assert torch.equal(load_checkpoint(path)["model"]["lm_head.weight"],
-                       state["model"]["lm_head.weight"])  # fmt: skip
+    assert torch.equal(
+        load_checkpoint(path)["model"]["lm_head.weight"], state["model"]["lm_head.weight"]
+    )
 
 
 # ---- reading ---------------------------------------------------------------------------------
@@ -226,8 +227,10 @@ def test_load_model_and_its_tokenizer(trained, data_dir):
     assert model(idx)[0].shape == (1, 6, model.config.vocab_size)
     with pytest.raises(TypeError):
         load_model(trained, "cpu")  # device is keyword-only
-    for meta, message in [({"tokenizer": "bpe9"}, "unknown tokenizer 'bpe9'"),
-                          ({"tokenizer": "char", "chars": "abc"}, "3 tokens, its model 59")]:  # fmt: skip
+    for meta, message in [
+        ({"tokenizer": "bpe9"}, "unknown tokenizer 'bpe9'"),
+        ({"tokenizer": "char", "chars": "abc"}, "3 tokens, its model 59"),
+    ]:
         with pytest.raises(CheckpointError, match=message):
             tokenizer_for({**state, "data_meta": meta})
 
@@ -250,7 +253,9 @@ def test_a_missing_device_is_a_clear_error(trained):
 def test_the_lock_names_its_holder_and_is_released(tmp_path):
     first, second = RunLock(tmp_path), RunLock(tmp_path)
     first.acquire()
-    with pytest.raises(CheckpointError, match=rf"in use by another training run \(pid {os.getpid()}\)"):
+    with pytest.raises(
+        CheckpointError, match=rf"in use by another training run \(pid {os.getpid()}\)"
+    ):
         second.acquire()
     first.release()
     second.acquire()
@@ -259,8 +264,10 @@ def test_the_lock_names_its_holder_and_is_released(tmp_path):
 
 def test_a_lock_dies_with_its_process(tmp_path):
     """A holder killed with SIGKILL leaves no stale lock behind."""
-    code = ("import sys, time; from gpt2_book.checkpoint import RunLock; "
-            f"RunLock({str(tmp_path)!r}).acquire(); print('locked', flush=True); time.sleep(60)")  # fmt: skip
+    code = (
+        "import sys, time; from gpt2_book.checkpoint import RunLock; "
+        f"RunLock({str(tmp_path)!r}).acquire(); print('locked', flush=True); time.sleep(60)"
+    )
     holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
@@ -286,8 +293,12 @@ def test_stale_temp_files_are_removed(tmp_path):
 def test_checksum_sees_values_shapes_and_types():
     a = {"w": torch.arange(6.0)}
     assert checksum(a) == checksum({"w": torch.arange(6.0)})
-    for other in ({"w": torch.arange(6.0).reshape(2, 3)}, {"w": torch.arange(6)},
-                  {"w": torch.arange(6.0) + 1e-6}, {"v": torch.arange(6.0)}):  # fmt: skip
+    for other in (
+        {"w": torch.arange(6.0).reshape(2, 3)},
+        {"w": torch.arange(6)},
+        {"w": torch.arange(6.0) + 1e-6},
+        {"v": torch.arange(6.0)},
+    ):
         assert checksum(other) != checksum(a)
     assert checksum({"w": torch.ones(2, dtype=torch.bfloat16)})  # any dtype
     assert dataclasses.is_dataclass(GPTConfig) and GPT  # (imports used)

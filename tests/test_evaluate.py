@@ -1,10 +1,7 @@
-"""Tests of gpt2_book.evaluate (chapter notebooks/09_experiments.ipynb) and its CLI command."""
+"""Tests of gpt2_book.evaluate (chapter notebooks/11_experiments.ipynb) and its CLI command."""
 
 import dataclasses
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,8 +19,6 @@ from gpt2_book.evaluate import (
     token_losses,
 )
 from gpt2_book.gpt import GPT
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
@@ -151,9 +146,8 @@ def test_attention_weights_reproduce_the_attention_output(rope_model):
     rope_model(idx)
     handle.remove()
     B, T, C = seen["x"].shape
-    nh, hs = attn.n_head, attn.head_dim
-    v = attn.c_attn(seen["x"]).split(nh * hs, dim=2)[2].view(B, T, nh, hs).transpose(1, 2)
-    y = attn.c_proj((weights @ v).transpose(1, 2).reshape(B, T, nh * hs))  # (B, T, C)
+    v = attn.qkv(seen["x"])[2]  # (B, nh, T, hs)
+    y = attn.c_proj((weights @ v).transpose(1, 2).reshape(B, T, -1))  # (B, T, C)
     torch.testing.assert_close(y, seen["y"], rtol=1e-5, atol=1e-5)
 
 
@@ -166,44 +160,46 @@ def test_load_tokens_round_trip(tmp_path):
         load_tokens(tmp_path / "missing.bin")
 
 
-# The command line, run as a user would: in a subprocess, on a checkpoint trained for 2 steps.
-
-
-def gpt2_book(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "gpt2_book", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
+# The command line, in-process through `main(argv)` (test_cli.py runs it in a subprocess), on a
+# checkpoint trained for 2 steps.
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
     from gpt2_book.data import prepare, shakespeare_path
-    from gpt2_book.train import TrainConfig, train
+    from gpt2_book.gpt import GPTConfig
+    from gpt2_book.train import TrainConfig
+    from gpt2_book.trainer import train
 
     folder = tmp_path_factory.mktemp("evaluate")
     (folder / "small.txt").write_text(shakespeare_path().read_text()[:5_000])
     prepare(folder / "small.txt", folder / "data", block_size=64)
-    config = TrainConfig(n_layer=1, n_head=2, n_embd=16, block_size=16, batch_size=2,
-                         max_iters=2, eval_iters=1, device="cpu")  # fmt: skip
+    model = GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=16)
+    config = TrainConfig(model=model, batch_size=2, max_iters=2, eval_iters=1, device="cpu")
     train(config, folder / "data", folder / "run", progress=False)
     return folder
 
 
-def test_cli_evaluate_on_a_token_file_and_on_text(checkpoint):
-    args = ["evaluate", "--checkpoint", "run", "--context", "32", "--device", "cpu"]
-    done = gpt2_book(*args, "--input", "data/val.bin", cwd=checkpoint)
-    assert done.returncode == 0, done.stderr
-    assert "15 windows of 32 tokens" in done.stdout  # 500 val tokens
-    assert "perplexity" in done.stdout and "positions >= 16" in done.stdout
-    text = gpt2_book(*args, "--input", "small.txt", "--max-windows", "3", "--rope-scale", "0.5",
-                     cwd=checkpoint)  # fmt: skip
-    assert text.returncode == 0, text.stderr
-    assert "3 windows of 32 tokens" in text.stdout
+def test_cli_evaluate_on_a_token_file_and_on_text(checkpoint, capsys):
+    from gpt2_book.__main__ import main
+
+    args = ["evaluate", "--checkpoint", str(checkpoint / "run"), "--context", "32", "--device",
+            "cpu"]  # fmt: skip
+    assert main([*args, "--input", str(checkpoint / "data/val.bin")]) == 0
+    out = capsys.readouterr().out
+    assert "15 windows of 32 tokens" in out  # 500 val tokens
+    assert "perplexity" in out and "positions >= 16" in out
+    text = [*args, "--input", str(checkpoint / "small.txt"), "--max-windows", "3"]
+    assert main([*text, "--rope-scale", "0.5"]) == 0
+    assert "3 windows of 32 tokens" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("context", ["0", "-1"])
-def test_cli_evaluate_bad_context_is_a_clear_error(checkpoint, context):
-    done = gpt2_book("evaluate", "--checkpoint", "run", "--input", "data/val.bin",
-                     "--context", context, cwd=checkpoint)  # fmt: skip
-    assert done.returncode == 2
-    assert "--context: must be positive" in done.stderr and "Traceback" not in done.stderr
+def test_cli_evaluate_bad_context_is_a_clear_error(checkpoint, capsys, context):
+    from gpt2_book.__main__ import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["evaluate", "--checkpoint", str(checkpoint / "run"), "--input",
+              str(checkpoint / "data/val.bin"), "--context", context])  # fmt: skip
+    assert exit_info.value.code == 2
+    assert "--context: must be" in capsys.readouterr().err

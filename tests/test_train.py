@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from _training import prepare_slice
 
 from gpt2_book.data import Batches
 from gpt2_book.gpt import GPT, GPTConfig
@@ -18,7 +19,8 @@ from gpt2_book.train import (
     get_lr,
     train_step,
 )
-from _training import prepare_slice
+
+DELETE = object()  # a test's way to remove an entry
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +37,12 @@ def nano(seed) -> GPT:
 
 
 def test_presets_exist_and_validate():
-    assert set(PRESET_NAMES) == {"shakespeare-char-cpu", "shakespeare-char", "gpt2-small",
-                                 "gpt2-finetune"}  # fmt: skip
+    assert set(PRESET_NAMES) == {
+        "shakespeare-char-cpu",
+        "shakespeare-char",
+        "gpt2-small",
+        "gpt2-finetune",
+    }
     cpu = TrainConfig.from_preset("shakespeare-char-cpu")
     m = cpu.model
     assert (m.n_layer, m.n_head, m.n_embd, m.block_size, m.bias) == (4, 4, 128, 64, False)
@@ -44,7 +50,8 @@ def test_presets_exist_and_validate():
     assert (cpu.max_iters, cpu.lr_decay_iters, m.dropout) == (2000, 2000, 0.0)
     assert TrainConfig() == cpu  # the defaults are this preset
     gpu = TrainConfig.from_preset("shakespeare-char").model
-    assert (gpu.n_layer, gpu.n_head, gpu.n_embd, gpu.block_size, gpu.dropout) == (6, 6, 384, 256, 0.2)
+    shape = (gpu.n_layer, gpu.n_head, gpu.n_embd, gpu.block_size, gpu.dropout)
+    assert shape == (6, 6, 384, 256, 0.2)
     tune = TrainConfig.from_preset("gpt2-finetune").model  # OpenAI's GPT-2 small, shorter windows
     gpt2 = GPTConfig.from_preset("gpt2", pos_encoding="learned")
     assert dataclasses.replace(tune, block_size=1024, dropout=0.0) == gpt2
@@ -127,7 +134,9 @@ def test_optimizer_decays_matrices_only(nano):
     optimizer = configure_optimizer(nano, learning_rate=1e-3, weight_decay=0.1, betas=(0.9, 0.99))
     decayed, plain = optimizer.param_groups
     assert (decayed["weight_decay"], plain["weight_decay"]) == (0.1, 0.0)
-    assert all(p.dim() >= 2 for p in decayed["params"]) and all(p.dim() < 2 for p in plain["params"])
+    assert all(p.dim() >= 2 for p in decayed["params"]) and all(
+        p.dim() < 2 for p in plain["params"]
+    )
     ids = [id(p) for g in optimizer.param_groups for p in g["params"]]
     assert sorted(ids) == sorted(id(p) for p in nano.parameters())  # each exactly once
     assert decayed["betas"] == (0.9, 0.99) and decayed["lr"] == 1e-3
@@ -143,8 +152,9 @@ def test_accumulated_micro_batches_equal_one_big_batch(nano, data_dir):
     twin.load_state_dict(nano.state_dict())
     big, small = iter([(x, y)]), iter([(x[:4], y[:4]), (x[4:], y[4:])])
     loss_big, _ = train_step(nano, torch.optim.SGD(nano.parameters()), big, lr=1.0, grad_clip=0)
-    loss_acc, _ = train_step(twin, torch.optim.SGD(twin.parameters()), small, lr=1.0,
-                             accum_steps=2, grad_clip=0)  # fmt: skip
+    loss_acc, _ = train_step(
+        twin, torch.optim.SGD(twin.parameters()), small, lr=1.0, accum_steps=2, grad_clip=0
+    )
     assert loss_acc == pytest.approx(loss_big, abs=1e-6)
     for a, b in zip(nano.parameters(), twin.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
@@ -172,3 +182,20 @@ def test_estimate_loss_is_a_fixed_number_and_restores_the_mode(nano, data_dir):
     by_hand = sum(nano.eval()(x, y)[1].item() for x, y in batches) / 3
     assert loss == pytest.approx(by_hand, rel=1e-6)
     assert loss == pytest.approx(math.log(68), abs=0.3)  # about ln V at init
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(extra=1), "unknown field 'extra'"),
+        (dict(max_iters=DELETE), "missing field 'max_iters'"),
+        (dict(max_iters="9"), r"TrainConfig\.max_iters = '9'"),
+        (dict(model=[1]), "holding a 'model' dict"),
+        (dict(model={"n_layers": 2}), "n_layers"),
+    ],
+)
+def test_saved_settings_that_do_not_fit_are_named(change, message):
+    settings = {**dataclasses.asdict(TrainConfig()), **change}
+    settings = {k: v for k, v in settings.items() if v is not DELETE}
+    with pytest.raises(ValueError, match=message):
+        TrainConfig.from_dict(settings)
