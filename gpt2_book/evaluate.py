@@ -200,12 +200,16 @@ class _PairwiseRotary(RotaryEmbedding):
     """A RotaryEmbedding whose pair i turns at theta[i] per position, with its cos/sin tables
     (and so q and k) multiplied by `gain`; for YaRN."""
 
+    theta: Tensor | None = None  # None while chapter 01's constructor builds its first table
+
     def __init__(self, theta: Tensor, *, gain: float, max_seq_len: int) -> None:
         super().__init__(head_dim=2 * len(theta), max_seq_len=1)  # a stub table, rebuilt below
         self.theta, self.gain = theta.double().cpu(), gain
         self.cos, self.sin = self._tables(max_seq_len, self.cos.device)
 
     def _tables(self, seq_len: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        if self.theta is None:
+            return super()._tables(seq_len, device)
         positions = torch.arange(seq_len, dtype=torch.float64)  # (T,)
         angles = torch.outer(positions, self.theta)  # (T, hs/2)
         cos = torch.cat([angles.cos(), angles.cos()], dim=-1) * self.gain  # (T, hs)

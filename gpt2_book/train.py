@@ -30,6 +30,7 @@ __all__ = [
 ]
 
 
+_GPT2_SMALL = dict(n_layer=12, n_head=12, n_embd=768, pos_encoding="learned")  # GPT-2's shapes
 _PRESETS = types.MappingProxyType(
     {
         # nanoGPT's "baby" Shakespeare run for a CPU: about 0.8M parameters.
@@ -50,14 +51,7 @@ _PRESETS = types.MappingProxyType(
         ),
         # GPT-2 small's shapes with nanoGPT's recipe for it (~491k tokens a step, 8 GPUs, days).
         "gpt2-small": dict(
-            model=dict(
-                n_layer=12,
-                n_head=12,
-                n_embd=768,
-                block_size=1024,
-                pos_encoding="learned",
-                bias=False,
-            ),
+            model=dict(_GPT2_SMALL, block_size=1024, bias=False),
             batch_size=12,
             grad_accum_steps=40,
             max_iters=600_000,
@@ -73,14 +67,7 @@ _PRESETS = types.MappingProxyType(
         # Fine-tuning OpenAI's GPT-2 small (train --init-from gpt2): its shapes and a small,
         # constant learning rate, as nanoGPT's finetune_shakespeare; shorter windows for CPUs.
         "gpt2-finetune": dict(
-            model=dict(
-                n_layer=12,
-                n_head=12,
-                n_embd=768,
-                block_size=256,
-                pos_encoding="learned",
-                dropout=0.1,
-            ),
+            model=dict(_GPT2_SMALL, block_size=256, dropout=0.1),
             batch_size=4,
             grad_accum_steps=8,
             max_iters=100,
@@ -96,14 +83,7 @@ _PRESETS = types.MappingProxyType(
 )
 PRESET_NAMES = tuple(_PRESETS)
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
-_COUNTS = (
-    "batch_size",
-    "grad_accum_steps",
-    "max_iters",
-    "lr_decay_iters",
-    "eval_interval",
-    "eval_iters",
-)
+_COUNTS = "batch_size grad_accum_steps max_iters lr_decay_iters eval_interval eval_iters".split()
 
 
 def _default_model() -> GPTConfig:
@@ -114,9 +94,10 @@ def _is_int(value: object, low: int = 0) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= low
 
 
-def _is_real(value: object, low: float = 0.0) -> bool:
+def _is_real(value: object) -> bool:
+    """A finite number >= 0 (not a bool)."""
     ok = isinstance(value, int | float) and not isinstance(value, bool)
-    return ok and math.isfinite(value) and value >= low
+    return ok and math.isfinite(value) and value >= 0
 
 
 @dataclass
