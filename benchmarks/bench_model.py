@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 
 from gpt2_book.gpt import GPT, GPTConfig
+from gpt2_book.pretrained import from_pretrained
+from gpt2_book.train import configure_optimizer
 
 try:
     from transformers import GPT2Config, GPT2LMHeadModel
@@ -90,7 +92,7 @@ def build_models(shape: Shape, mode: str) -> tuple[GPT, GPT2LMHeadModel]:
     hf = GPT2LMHeadModel(hf_config)
     with tempfile.TemporaryDirectory() as tmp:
         hf.save_pretrained(tmp)
-        ours = GPT.from_pretrained(tmp)
+        ours = from_pretrained(tmp)
     if mode == "rope":  # same weights, no position table
         learned = ours
         ours = GPT(GPTConfig(**{**vars(learned.config), "pos_encoding": "rope"}))
@@ -110,7 +112,7 @@ def adamw(model: torch.nn.Module) -> torch.optim.AdamW:
 
 
 def step_fn(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, ours: bool) -> Callable:
-    opt = model.configure_optimizer(1e-4) if ours else adamw(model)
+    opt = configure_optimizer(model, learning_rate=1e-4) if ours else adamw(model)
 
     def step() -> float:
         t0 = time.process_time()

@@ -38,6 +38,13 @@ SLICE = 64 << 20  # characters per slice for the tiktoken baselines
 CHUNK = 1 << 20  # characters per chunk handed to a thread or process
 
 
+def _cpu_seconds() -> float:
+    """User and system time of this process and its finished children so far."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def _peak_rss_mb() -> tuple[float, float]:
     """Peak resident memory (MB) of this process and of its largest child so far."""
     scale = 1 / 1024 if sys.platform != "darwin" else 1 / 2**20  # ru_maxrss: KB (Linux), B (macOS)
@@ -83,7 +90,7 @@ def run_method(method: str, path: Path, workers: int, out: Path) -> dict:
     from gpt2_book.data import GPT2Tokenizer
 
     enc = GPT2Tokenizer().encoding
-    tokens, start = 0, time.perf_counter()
+    tokens, start, cpu = 0, time.perf_counter(), _cpu_seconds()
     if method == "tiktoken, one thread":
         for text in _slices(path):
             tokens += len(enc.encode_to_numpy(text, disallowed_special=()))
@@ -107,9 +114,9 @@ def run_method(method: str, path: Path, workers: int, out: Path) -> dict:
         tokens = meta["train_tokens"] + meta["val_tokens"]
     else:
         raise ValueError(f"unknown method {method!r}")
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, _cpu_seconds() - cpu
     own, child = _peak_rss_mb()
-    return {"seconds": seconds, "tokens": tokens, "rss_mb": own, "child_rss_mb": child}
+    return {"seconds": seconds, "cpu": cpu, "tokens": tokens, "rss_mb": own, "child_rss_mb": child}
 
 
 def _in_child(method: str, path: Path, workers: int, out: Path) -> dict:
@@ -170,7 +177,8 @@ def main() -> None:
     ]
     results = {}
     print(
-        f"{'method':30} {'seconds':>8} {'MB/s':>7} {'Mtok/s':>7} {'x tiktoken':>10} {'peak MB':>8}"
+        f"{'method':30} {'seconds':>8} {'MB/s':>7} {'Mtok/s':>7} {'x tiktoken':>10} "
+        f"{'CPU s':>7} {'MB/CPU s':>8} {'peak MB':>8}"
     )
     for method, workers in methods:
         r = results[method] = _in_child(method, corpus, workers, scratch / "out")
@@ -178,10 +186,15 @@ def main() -> None:
         peak = f"{r['rss_mb']:.0f}" + (f"+{r['child_rss_mb']:.0f}" if r["child_rss_mb"] else "")
         print(
             f"{method:30} {r['seconds']:8.1f} {megabytes / r['seconds']:7.1f} "
-            f"{r['tokens'] / r['seconds'] / 1e6:7.2f} {ratio:10.2f} {peak:>8}",
+            f"{r['tokens'] / r['seconds'] / 1e6:7.2f} {ratio:10.2f} {r['cpu']:7.1f} "
+            f"{megabytes / r['cpu']:8.1f} {peak:>8}",
             flush=True,
         )
-    print("(peak MB: the process's own peak resident memory, +the largest child's)\n")
+    print(
+        "(CPU s: processor time used, all threads and processes; MB/CPU s: text per second of\n"
+        " one core's time, which other programs on the machine change less than the wall time;\n"
+        " peak MB: the process's own peak resident memory, +the largest child's)\n"
+    )
     baseline = _in_child_baseline()
     print(f"peak memory of prepare_corpus (importing the package alone: {baseline:.0f} MB):")
     for size in (int(s) for s in args.memory.split(",") if s):

@@ -28,6 +28,7 @@ __all__ = [
     "save_checkpoint",
     "load_checkpoint",
     "model_config_of",
+    "load_weights",
     "load_model",
     "tokenizer_for",
     "RunLock",
@@ -193,24 +194,31 @@ def _shape(t: Tensor | None) -> str:
     return "missing" if t is None else str(tuple(t.shape))
 
 
-def _check_shapes(config: GPTConfig, weights: dict[str, Tensor], where: object) -> None:
-    """Compare the weights with the shapes `config` implies, cheap checks first."""
-    wte = weights.get("transformer.wte.weight")
-    layers = {k.split(".")[2] for k in weights if k.startswith("transformer.h.")}
-    if _shape(wte) != str((config.vocab_size, config.n_embd)) or len(layers) != config.n_layer:
-        raise CheckpointError(
-            f"{where}: its model_config (vocab_size={config.vocab_size}, n_embd={config.n_embd},"
-            f" n_layer={config.n_layer}) does not fit its weights (wte {_shape(wte)}, "
-            f"{len(layers)} layers)"
-        )
-    with torch.device("meta"):  # shapes only: no memory, no initialisation
-        expected = GPT(config).state_dict()
-    for name in sorted(expected.keys() | weights.keys()):
-        want, have = expected.get(name), weights.get(name)
-        if want is None or have is None or want.shape != have.shape:
+def _check_sizes(config: GPTConfig, weights: dict[str, Tensor], where: object) -> None:
+    """Check the sizes `config` gives the model against the weights, without building it."""
+    c, first = config, "transformer.h.0."
+    expected = {  # a tensor whose shape each size setting decides: (name, shape, settings)
+        "transformer.wte.weight": ((c.vocab_size, c.n_embd), "vocab_size, n_embd"),
+        first + "attn.c_attn.weight": ((3 * c.n_head * c.head_size, c.n_embd), "n_head, head_dim"),
+        first + "mlp.c_fc.weight": ((int(c.mlp_ratio * c.n_embd), c.n_embd), "mlp_ratio"),
+    }
+    if c.pos_encoding == "learned":
+        expected["transformer.wpe.weight"] = ((c.block_size, c.n_embd), "block_size")
+    for name, (shape, settings) in expected.items():
+        if _shape(weights.get(name)) != str(shape):
             raise CheckpointError(
-                f"{where}: {name} is {_shape(have)} in the file but {_shape(want)} for its config"
+                f"{where}: its model_config ({settings}) gives {name} the shape {shape}, but "
+                f"the file holds {_shape(weights.get(name))}"
             )
+    layers = {k.split(".")[2] for k in weights if k.startswith("transformer.h.")}
+    if len(layers) != c.n_layer:
+        raise CheckpointError(f"{where}: n_layer={c.n_layer}, but it holds {len(layers)} blocks")
+    table_bytes = 2 * 8 * c.block_size * c.head_size  # cos and sin, built in float64
+    if c.pos_encoding == "rope" and table_bytes > 2**32:
+        raise CheckpointError(
+            f"{where}: block_size={c.block_size} would need {table_bytes / 2**30:,.0f} GiB of "
+            "RoPE tables; its model_config is damaged"
+        )
 
 
 def model_config_of(state: dict, where: object = "the checkpoint") -> GPTConfig:
@@ -224,8 +232,20 @@ def model_config_of(state: dict, where: object = "the checkpoint") -> GPTConfig:
         config = GPTConfig(**settings)
     except (TypeError, ValueError) as err:
         raise CheckpointError(f"{where} has an invalid model_config: {err}") from None
-    _check_shapes(config, state["model"], where)
+    _check_sizes(config, state["model"], where)
     return config
+
+
+def load_weights(model: GPT, weights: dict[str, Tensor], where: object) -> None:
+    """Copy `weights` into `model` after checking that every name and shape matches."""
+    expected = model.state_dict()
+    for name in sorted(expected.keys() | weights.keys()):
+        want, have = expected.get(name), weights.get(name)
+        if want is None or have is None or want.shape != have.shape:
+            raise CheckpointError(
+                f"{where}: {name} is {_shape(have)} in the file but {_shape(want)} in the model"
+            )
+    model.load_state_dict(weights)
 
 
 def load_model(path: str | Path, *, device: str | torch.device | None = "cpu") -> tuple[GPT, dict]:
@@ -237,7 +257,7 @@ def load_model(path: str | Path, *, device: str | torch.device | None = "cpu") -
     device = resolve_device(device)
     state = load_checkpoint(path)
     model = GPT(model_config_of(state, path))
-    model.load_state_dict(state["model"])
+    load_weights(model, state["model"], path)
     return model.to(device).eval(), state
 
 

@@ -13,7 +13,13 @@ from pathlib import Path
 
 import torch
 
-from gpt2_book.checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint, model_config_of
+from gpt2_book.checkpoint import (
+    CHECKPOINT_NAME,
+    CheckpointError,
+    load_checkpoint,
+    load_weights,
+    model_config_of,
+)
 from gpt2_book.data import Batches, read_meta
 from gpt2_book.distributed import StopFlag, World, wrap_ddp
 from gpt2_book.gpt import GPT, GPTConfig
@@ -173,7 +179,7 @@ def _restore(run: Run, state: dict, allow_new_data: bool) -> None:
                 f"the checkpoint in {run.out_dir} has {name}={value!r}, but this run asks for "
                 f"{name}={wanted[name]!r}: resume with the same model settings"
             )
-    run.model.load_state_dict(state["model"])
+    load_weights(run.model, state["model"], run.path)
     ranks = state["ranks"]
     try:
         run.optimizer.load_state_dict(state["optimizer"])

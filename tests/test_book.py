@@ -19,6 +19,9 @@ else:  # Python 3.10
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+ALL_NOTEBOOKS = sorted(  # chapters and solutions
+    p for p in (ROOT / "notebooks").rglob("*.ipynb") if ".ipynb_checkpoints" not in p.parts
+)
 PACKAGE = ROOT / "gpt2_book"
 # The command line (`__main__.py` parses, `cli.py` runs) and the package's front door are
 # hand-written and may import any chapter; every other module is generated.
@@ -36,13 +39,18 @@ import strip_outputs  # noqa: E402
 # Notebooks ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", ALL_NOTEBOOKS, ids=lambda p: p.relative_to(ROOT).as_posix())
 def test_committed_notebooks_carry_no_outputs(path):
     notebook = json.loads(path.read_text())
     for i, cell in enumerate(notebook["cells"]):
         if cell["cell_type"] == "code":
             assert cell["outputs"] == [], f"cell {i + 1} has outputs: run `make strip`"
             assert cell["execution_count"] is None, f"cell {i + 1} has an execution count"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_chapters_are_normalised(path):
+    # Kernel, cell ids, the Colab cell, hidden machinery: all that `make strip` does.
     assert not strip_outputs.strip(str(path), check=True), "not normalised: run `make strip`"
 
 

@@ -200,10 +200,16 @@ def test_wrong_structure_is_named(trained, tmp_path, change, message):
         (dict(extra=1), "unknown field 'extra'"),
         (dict(n_layer=DELETE), "missing field 'n_layer'"),
         (dict(n_layer="1"), "invalid model_config"),
-        (dict(n_embd=32), r"does not fit its weights"),
-        (dict(n_layer=2), r"does not fit its weights .* 1 layers"),
-        (dict(vocab_size=2**40), r"vocab_size=1099511627776.*does not fit"),
-        (dict(mlp_ratio=2.0), r"mlp\.c_fc\.weight is \(64, 16\) in the file but \(32, 16\)"),
+        (dict(n_embd=32), r"\(vocab_size, n_embd\) gives transformer.wte.weight the shape"),
+        (dict(n_layer=2), r"n_layer=2, but it holds 1 blocks"),
+        (dict(vocab_size=2**40), r"shape \(1099511627776, 16\), but the file holds \(59, 16\)"),
+        (
+            dict(mlp_ratio=2.0),
+            r"\(mlp_ratio\) gives .*c_fc.weight the shape \(32, 16\).*\(64, 16\)",
+        ),
+        (dict(n_head=4, head_dim=2), r"\(n_head, head_dim\) gives .*c_attn.weight the shape \(24"),
+        (dict(block_size=2**40), r"block_size=1099511627776 would need .* GiB of RoPE tables"),
+        (dict(bias=True), r"c_attn.bias is missing in the file but \(48,\) in the model"),
     ],
 )
 def test_a_config_that_does_not_fit_the_weights_is_named_before_building(

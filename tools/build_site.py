@@ -1,6 +1,6 @@
 """Build the site from notebooks that are already executed, without running them again.
 
-`make test` executes every chapter once, with nbmake, on a scratch copy (``_build/site/notebooks``,
+`make test` executes every chapter once, with nbmake, on a scratch copy (``build/site/notebooks``,
 written back with their outputs by ``--overwrite``). This tool puts the rest of the book beside
 them (pages, bibliography, table of contents, the local Sphinx extension, and `_config.yml` with
 execution switched off) and runs Jupyter Book strictly: any warning fails the build. Executing the
@@ -8,7 +8,7 @@ chapters a second time inside Jupyter Book would double the slowest part of the 
 
 Readers keep using ``make book``, which executes and caches the chapters itself.
 
-Usage: ``python tools/build_site.py [SITE]`` (default ``_build/site``); the HTML lands in
+Usage: ``python tools/build_site.py [SITE]`` (default ``build/site``); the HTML lands in
 ``SITE/_build/html``.
 """
 
@@ -68,7 +68,7 @@ def build(site: Path) -> int:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("site", nargs="?", type=Path, default=ROOT / "_build" / "site")
+    parser.add_argument("site", nargs="?", type=Path, default=ROOT / "build" / "site")
     site = parser.parse_args().site.resolve()
     prepare(site)
     return build(site)

@@ -13,7 +13,7 @@ page, served from 127.0.0.1:
 - no Markdown table left as a paragraph of pipes;
 - every chapter (``notebooks/*.html``) shows at least one figure, and every image loads.
 
-Usage: ``python tools/check_site.py [HTML_DIR]`` (default ``_build/site/_build/html``). Without a
+Usage: ``python tools/check_site.py [HTML_DIR]`` (default ``build/site/_build/html``). Without a
 Chromium it says so and exits 0, unless ``--require-browser`` (CI) makes that an error.
 """
 
@@ -205,7 +205,7 @@ def find_chromium() -> str | None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    default = ROOT / "_build" / "site" / "_build" / "html"
+    default = ROOT / "build" / "site" / "_build" / "html"
     parser.add_argument("html", nargs="?", type=Path, default=default)
     parser.add_argument("--require-browser", action="store_true", help="fail without Chromium")
     args = parser.parse_args()

@@ -231,9 +231,12 @@ def export_all(check: bool, notebooks_dir: Path = NOTEBOOKS, package: Path = PAC
             if not check:
                 path.unlink()
     for path in stale:
-        verb = "out of date" if check else "written"
-        if not path.exists() or path.stem not in texts:
+        if path.stem not in texts:
             verb = "stale (no notebook exports it)" if check else "deleted"
+        elif check:
+            verb = "out of date" if path.exists() else "missing"
+        else:
+            verb = "written"
         print(f"{path.relative_to(package.parent)}: {verb}")
     if check and stale:
         print("The package differs from the notebooks: run `make export` and commit the result.")
