@@ -149,7 +149,9 @@ def _load() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", type=int, default=1000, help="corpus size in MB (1000)")
+    parser.add_argument(
+        "--size", type=int, default=1000, help="corpus size in MB (1000); 0: only the memory"
+    )
     parser.add_argument(
         "--memory", default="100,1000", help="sizes (MB) at which to measure prepare's memory"
     )
@@ -165,14 +167,35 @@ def main() -> None:
     scratch = args.scratch or Path(tempfile.mkdtemp(prefix="bench_prepare_"))
     scratch.mkdir(parents=True, exist_ok=True)
     print(f"{os.cpu_count()} cores, {args.workers} workers; {_load()}")
-    corpus = make_corpus(scratch / f"corpus_{args.size}mb.txt", args.size)
+    if args.size:
+        throughput(scratch, args.size, args.workers)
+    baseline = _in_child_baseline()
+    print(f"peak memory of prepare_corpus (importing the package alone: {baseline:.0f} MB):")
+    for size in (int(s) for s in args.memory.split(",") if s):
+        path = make_corpus(scratch / f"corpus_{size}mb.txt", size)
+        r = _in_child("prepare_corpus, all cores", path, args.workers, scratch / f"out_{size}")
+        print(
+            f"  {path.stat().st_size / 1e6:6,.0f} MB of text: {r['rss_mb']:5.0f} MB "
+            f"({r['seconds']:.0f} s, {r['cpu']:.0f} CPU s, {r['tokens']:,} tokens)",
+            flush=True,
+        )
+    print(f"\n{_load()}")
+    if not args.scratch:
+        import shutil
+
+        shutil.rmtree(scratch)
+
+
+def throughput(scratch: Path, size: int, workers: int) -> None:
+    """The table of speeds: every method on the same corpus of `size` MB."""
+    corpus = make_corpus(scratch / f"corpus_{size}mb.txt", size)
     megabytes = corpus.stat().st_size / 1e6
     print(f"corpus: {corpus} ({megabytes:,.0f} MB)\n")
     methods = [
         ("tiktoken, one thread", 1),
-        ("tiktoken batch, all threads", args.workers),
-        ("process pool, all cores", args.workers),
-        ("prepare_corpus, all cores", args.workers),
+        ("tiktoken batch, all threads", workers),
+        ("process pool, all cores", workers),
+        ("prepare_corpus, all cores", workers),
         ("prepare_corpus, one thread", 1),
     ]
     results = {}
@@ -180,8 +203,8 @@ def main() -> None:
         f"{'method':30} {'seconds':>8} {'MB/s':>7} {'Mtok/s':>7} {'x tiktoken':>10} "
         f"{'CPU s':>7} {'MB/CPU s':>8} {'peak MB':>8}"
     )
-    for method, workers in methods:
-        r = results[method] = _in_child(method, corpus, workers, scratch / "out")
+    for method, n in methods:
+        r = results[method] = _in_child(method, corpus, n, scratch / "out")
         ratio = results["tiktoken, one thread"]["seconds"] / r["seconds"]
         peak = f"{r['rss_mb']:.0f}" + (f"+{r['child_rss_mb']:.0f}" if r["child_rss_mb"] else "")
         print(
@@ -195,17 +218,6 @@ def main() -> None:
         " one core's time, which other programs on the machine change less than the wall time;\n"
         " peak MB: the process's own peak resident memory, +the largest child's)\n"
     )
-    baseline = _in_child_baseline()
-    print(f"peak memory of prepare_corpus (importing the package alone: {baseline:.0f} MB):")
-    for size in (int(s) for s in args.memory.split(",") if s):
-        path = make_corpus(scratch / f"corpus_{size}mb.txt", size)
-        r = _in_child("prepare_corpus, all cores", path, args.workers, scratch / f"out_{size}")
-        print(f"  {path.stat().st_size / 1e6:6,.0f} MB of text: {r['rss_mb']:5.0f} MB", flush=True)
-    print(f"\n{_load()}")
-    if not args.scratch:
-        import shutil
-
-        shutil.rmtree(scratch)
 
 
 def _in_child_baseline() -> float:

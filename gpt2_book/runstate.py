@@ -7,6 +7,7 @@ The code of the chapter `notebooks/08_training_for_real.ipynb`, which explains e
 
 import contextlib
 import functools
+import logging
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,6 +27,9 @@ from gpt2_book.gpt import GPT, GPTConfig
 from gpt2_book.train import TrainConfig, configure_optimizer, fixed_batches
 
 __all__ = ["Run", "setup_run"]
+
+
+_log = logging.getLogger(__name__)
 
 
 _AMP = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -72,7 +76,15 @@ class Run:
         return self.out_dir / CHECKPOINT_NAME
 
 
-def _build(config, data_dir, out_dir, world, device, stop, init_from) -> Run:
+def _build(
+    config: TrainConfig,
+    data_dir: Path,
+    out_dir: Path,
+    world: World,
+    device: torch.device,
+    stop: StopFlag,
+    init_from: GPT | None,
+) -> Run:
     """The model (random, or `init_from`'s weights), optimizer and batches; nothing restored."""
     meta = read_meta(data_dir)
     config = config.replace(vocab_size=meta["vocab_size"])
@@ -193,10 +205,27 @@ def _restore(run: Run, state: dict, allow_new_data: bool) -> None:
                 torch.cuda.set_rng_state(mine["rng"]["cuda"])
     except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as err:
         raise CheckpointError(f"{run.path} is damaged: {type(err).__name__}: {err}") from None
+    if len(ranks) != run.world.world_size:
+        _log.warning(
+            "saved by %d processes, resumed by %d: new batches, not an exact resume",
+            len(ranks),
+            run.world.world_size,
+        )
     run.it, run.elapsed_offset, run.last_saved = state["iter"], state["elapsed_s"], state["iter"]
 
 
-def setup_run(config, data_dir, out_dir, *, resume, world, device, stop, init_from, allow_new_data):
+def setup_run(
+    config: TrainConfig,
+    data_dir: Path,
+    out_dir: Path,
+    *,
+    resume: bool,
+    world: World,
+    device: torch.device,
+    stop: StopFlag,
+    init_from: GPT | None = None,
+    allow_new_data: bool = False,
+) -> Run:
     """Build a run, restore its checkpoint when resuming, wrap the model for compile and DDP.
 
     The arguments are `train`'s, with this process's World, device and StopFlag.

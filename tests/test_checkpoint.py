@@ -268,6 +268,7 @@ def test_the_lock_names_its_holder_and_is_released(tmp_path):
     second.release()
 
 
+@pytest.mark.slow
 def test_a_lock_dies_with_its_process(tmp_path):
     """A holder killed with SIGKILL leaves no stale lock behind."""
     code = (
