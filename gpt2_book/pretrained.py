@@ -61,14 +61,16 @@ WEIGHT_MAP = {
     "ln_f.bias": "transformer.ln_f.bias",
 }
 # OpenAI stored these four matrices as Conv1D, (in, out); nn.Linear stores (out, in).
-TRANSPOSED = {
-    "h.{}.attn.c_attn.weight",
-    "h.{}.attn.c_proj.weight",
-    "h.{}.mlp.c_fc.weight",
-    "h.{}.mlp.c_proj.weight",
-}
+TRANSPOSED = frozenset(
+    {
+        "h.{}.attn.c_attn.weight",
+        "h.{}.attn.c_proj.weight",
+        "h.{}.mlp.c_fc.weight",
+        "h.{}.mlp.c_proj.weight",
+    }
+)
 # Not weights of ours: the tied copy of wte, and old files' causal-mask buffers.
-SKIPPED = {"lm_head.weight", "h.{}.attn.bias", "h.{}.attn.masked_bias"}
+SKIPPED = frozenset({"lm_head.weight", "h.{}.attn.bias", "h.{}.attn.masked_bias"})
 
 
 def _template(name: str) -> tuple[str, str | None]:
