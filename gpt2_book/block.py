@@ -27,6 +27,7 @@ class Block(nn.Module):
         mlp_ratio: MLP hidden width as a multiple of n_embd.
         bias: biases in the linear layers and the layer norms (GPT-2: True).
         dropout: dropout probability inside attention and the MLP.
+        gelu: the MLP's GELU, "tanh" (GPT-2's approximation) or "exact" (see `MLP`).
         rope: a shared RotaryEmbedding for the attention, or None for learned positions.
         fast: the attention's kernel: fused (True) or `manual_attention` (False).
 
@@ -43,6 +44,7 @@ class Block(nn.Module):
         mlp_ratio: float = 4.0,
         bias: bool = True,
         dropout: float = 0.0,
+        gelu: str = "tanh",
         rope: RotaryEmbedding | None = None,
         fast: bool = True,
     ) -> None:
@@ -57,7 +59,7 @@ class Block(nn.Module):
             rope=rope,
             fast=fast,
         )
-        mlp = MLP(n_embd=n_embd, mlp_ratio=mlp_ratio, bias=bias, dropout=dropout)
+        mlp = MLP(n_embd=n_embd, mlp_ratio=mlp_ratio, bias=bias, dropout=dropout, gelu=gelu)
         self.ln_1 = nn.LayerNorm(n_embd, bias=bias)
         self.attn = attn
         self.ln_2 = nn.LayerNorm(n_embd, bias=bias)

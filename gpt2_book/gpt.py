@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from gpt2_book.attention import KVCacheLike
 from gpt2_book.block import Block
+from gpt2_book.mlp import GELU_VARIANTS
 from gpt2_book.rope import RotaryEmbedding
 
 __all__ = ["GPTConfig", "GPT"]
@@ -41,6 +42,7 @@ class GPTConfig:
     bias: bool = True  # GPT-2 has biases in every Linear and LayerNorm; False is a bit faster
     pos_encoding: str = "rope"  # "rope": rotate q and k in attention; "learned": GPT-2's wpe
     rope_base: float = 10000.0  # RoFormer's base; a larger base turns slower, for longer contexts
+    gelu: str = "tanh"  # "tanh": GPT-2's (OpenAI's weights need it); "exact": erf, faster on CPUs
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
@@ -71,6 +73,10 @@ class GPTConfig:
             raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout}")
         if self.rope_base <= 1.0:
             raise ValueError(f"GPTConfig.rope_base must be greater than 1, got {self.rope_base}")
+        if self.gelu not in GELU_VARIANTS:
+            raise ValueError(
+                f"GPTConfig.gelu must be one of {', '.join(GELU_VARIANTS)}, got {self.gelu!r}"
+            )
 
     @property
     def head_size(self) -> int:
@@ -135,6 +141,7 @@ class GPT(nn.Module):
                 mlp_ratio=c.mlp_ratio,
                 bias=c.bias,
                 dropout=c.dropout,
+                gelu=c.gelu,
                 rope=self.rope,
             )
             for _ in range(c.n_layer)

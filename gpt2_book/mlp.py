@@ -7,27 +7,39 @@ The code of the chapter `notebooks/03_mlp.ipynb`, which explains every line.
 
 from torch import Tensor, nn
 
-__all__ = ["MLP"]
+__all__ = ["GELU_VARIANTS", "MLP"]
+
+
+# GPTConfig.gelu and MLP(gelu=...) -> nn.GELU's `approximate` argument.
+GELU_VARIANTS = {"tanh": "tanh", "exact": "none"}
 
 
 class MLP(nn.Module):
     """GPT-2's position-wise feed-forward network: up-projection, GELU, down-projection.
 
-    Vaswani et al. (2017), https://arxiv.org/abs/1706.03762, with the tanh approximation of
-    GELU (Hendrycks and Gimpel, 2016, https://arxiv.org/abs/1606.08415) that GPT-2 was trained
-    with. Explained in chapter 03.
+    Vaswani et al. (2017), https://arxiv.org/abs/1706.03762, by default with the tanh
+    approximation of GELU (Hendrycks and Gimpel, 2016, https://arxiv.org/abs/1606.08415) that
+    GPT-2 was trained with. Explained in chapter 03.
 
     Args:
         n_embd: C, the width of the token embeddings in and out.
         mlp_ratio: hidden width as a multiple of n_embd (GPT-2: 4).
         bias: whether the two linear layers have biases (GPT-2: True).
         dropout: dropout probability on the output.
+        gelu: "tanh", GPT-2's approximation (needed for OpenAI's weights), or "exact" (erf,
+            faster on CPUs; nanoGPT's choice for models trained from scratch).
 
     Shapes: forward maps x (B, T, C) to (B, T, C), each token on its own.
     """
 
     def __init__(
-        self, *, n_embd: int, mlp_ratio: float = 4.0, bias: bool = True, dropout: float = 0.0
+        self,
+        *,
+        n_embd: int,
+        mlp_ratio: float = 4.0,
+        bias: bool = True,
+        dropout: float = 0.0,
+        gelu: str = "tanh",
     ) -> None:
         super().__init__()
         if n_embd <= 0:
@@ -37,8 +49,10 @@ class MLP(nn.Module):
             raise ValueError(f"mlp_ratio must give a hidden width >= 1, got {mlp_ratio}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        if gelu not in GELU_VARIANTS:
+            raise ValueError(f"gelu must be one of {', '.join(GELU_VARIANTS)}, got {gelu!r}")
         self.c_fc = nn.Linear(n_embd, hidden, bias=bias)
-        self.gelu = nn.GELU(approximate="tanh")
+        self.gelu = nn.GELU(approximate=GELU_VARIANTS[gelu])
         self.c_proj = nn.Linear(hidden, n_embd, bias=bias)
         self.dropout = nn.Dropout(dropout)
 

@@ -160,6 +160,7 @@ def config_from_hf(hf: dict[str, Any], *, dropout: float = 0.0) -> GPTConfig:
         dropout=dropout,
         bias=True,
         pos_encoding="learned",
+        gelu="tanh",  # gelu_new: the approximation GPT-2 was trained with
     )
 
 
@@ -170,6 +171,8 @@ def config_to_hf(config: GPTConfig) -> dict[str, Any]:
         problems.append("pos_encoding='learned' (GPT-2 has no RoPE)")
     if not config.bias:
         problems.append("bias=True")
+    if config.gelu != "tanh":
+        problems.append("gelu='tanh'")
     if config.head_size * config.n_head != config.n_embd:
         problems.append("head_dim=None (n_head * head_dim == n_embd)")
     if problems:

@@ -254,11 +254,19 @@ def test_init_statistics(seed):
         ({"dropout": 1.0}, "dropout"),
         ({"mlp_ratio": 0}, "mlp_ratio"),
         ({"rope_base": 1.0}, "rope_base"),
+        ({"gelu": "erf"}, "gelu"),
     ],
 )
 def test_bad_config_names_the_field(overrides, field):
     with pytest.raises(ValueError, match=f"GPTConfig.{field}"):
         GPTConfig.from_preset("tiny", **overrides)
+
+
+@pytest.mark.parametrize("gelu", ["tanh", "exact"])
+def test_gelu_setting_reaches_every_mlp(tiny_config, gelu):
+    model = GPT(replace(tiny_config, gelu=gelu))
+    want = {"tanh": "tanh", "exact": "none"}[gelu]  # nn.GELU's name for it
+    assert {block.mlp.gelu.approximate for block in model.transformer.h} == {want}
 
 
 def test_odd_head_dim_is_fine_with_learned_positions():

@@ -45,6 +45,15 @@ def test_uses_the_tanh_approximation_not_exact_gelu(mlp, x):
     assert (mlp(x) - exact).abs().max() > 1e-5 > (mlp(x) - formula(mlp, x)).abs().max()
 
 
+def test_exact_gelu_is_the_erf_formula(mlp, x):
+    exact = MLP(n_embd=mlp.c_fc.in_features, gelu="exact")
+    exact.load_state_dict(mlp.state_dict())
+    h = mlp.c_fc(x)
+    by_hand = mlp.c_proj(0.5 * h * (1 + torch.erf(h / math.sqrt(2))))
+    assert_close(exact(x), by_hand, **TOL)
+    assert 1e-5 < (exact(x) - mlp(x)).abs().max() < 1e-2  # close to the tanh one, not equal
+
+
 def test_shapes_and_names():
     mlp = MLP(n_embd=768)
     shapes = {n: tuple(p.shape) for n, p in mlp.named_parameters()}
@@ -91,6 +100,7 @@ def test_dropout_only_in_training(x):
         ({"n_embd": 8, "mlp_ratio": 0.0}, "mlp_ratio"),
         ({"n_embd": 8, "mlp_ratio": 0.1}, "mlp_ratio"),
         ({"n_embd": 8, "dropout": 1.5}, "dropout"),
+        ({"n_embd": 8, "gelu": "none"}, "gelu"),
     ],
 )
 def test_bad_arguments_name_the_field(kwargs, field):
