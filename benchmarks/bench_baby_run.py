@@ -99,6 +99,10 @@ def main() -> None:
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
     iters = [f"--max_iters={args.max_iters}", f"--lr_decay_iters={args.max_iters}"]
+    # Both evaluate every 250 steps; for a shorter or odd length, at the start and the end only,
+    # so that the last validation loss printed is at the same step in both.
+    every = 250 if args.max_iters % 250 == 0 else args.max_iters
+    iters.append(f"--eval_interval={every}")
     runs = {"nanoGPT": [], "ours": []}
     for r in range(args.repeats):
         order = ["nanoGPT", "ours"] if r % 2 == 0 else ["ours", "nanoGPT"]
@@ -112,6 +116,7 @@ def main() -> None:
                 cmd = [*py, "train", "--preset", "shakespeare-char-cpu", "--no-progress"]
                 cmd += ["--data", str(work / "ours-data"), "--out-dir", str(work / f"out-{r}")]
                 cmd += ["--max-iters", str(args.max_iters), "--lr-decay-iters", str(args.max_iters)]
+                cmd += ["--eval-interval", str(every)]
                 wall, cpu, text = _timed(cmd, ROOT, args.threads)
                 val = _last_val(text, r"val loss (\d+\.\d+)")
             runs[name].append((wall, cpu, val))
