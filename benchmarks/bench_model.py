@@ -20,8 +20,8 @@ single-thread matmul peak.
 
 Usage::
 
-    python benchmarks/bench_model.py            # about 3 minutes on one core
-    python benchmarks/bench_model.py --quick    # fewer repetitions, about a minute
+    python benchmarks/bench_model.py            # about 6 minutes on one quiet core
+    python benchmarks/bench_model.py --quick    # a third of the repetitions, noisier
 """
 
 from __future__ import annotations
