@@ -7,7 +7,7 @@ the table the chapter shows:
 - two head sizes at the same width and parameter count (64 channels: 4 heads of 16, i.e. 8
   rotating pairs per head, or 1 head of 64, i.e. 32 pairs), 3 seeds each;
 - per seed, a RoPE model and a learned-position model trained on 64-character windows of the
-  shipped Shakespeare with a passkey planted in every window (`gpt2_book.evaluate.with_passkeys`);
+  shipped Shakespeare with a passkey planted in every window (`gpt2_book.passkey.with_passkeys`);
 - rows without retraining: learned (sliding window of 64), RoPE as is, RoPE cropped to 64,
   position interpolation (PI), the NTK-aware base, YaRN;
 - rows with a fine-tune of the same length for every arm (same steps, tokens per step, warmup,
@@ -51,14 +51,12 @@ from gpt2_book.evaluate import (
     load_tokens,
     loss_per_position,
     ntk_rope_base,
-    passkey_recall,
-    passkey_windows,
     rescale_rope,
     train_steps,
-    with_passkeys,
     yarn_rope,
 )
 from gpt2_book.gpt import GPT, GPTConfig
+from gpt2_book.passkey import passkey_recall, passkey_windows, with_passkeys
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "length_extension.json"

@@ -8,7 +8,7 @@ The code of the chapter `notebooks/11_experiments.ipynb`, which explains every l
 import copy
 import dataclasses
 import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -30,9 +30,6 @@ __all__ = [
     "ntk_rope_base",
     "yarn_rope",
     "attention_weights",
-    "with_passkeys",
-    "passkey_windows",
-    "passkey_recall",
     "train_steps",
 ]
 
@@ -272,85 +269,6 @@ def attention_weights(model: GPT, idx: Tensor, layer: int) -> Tensor:
         handle.remove()
     q, k, v = attn.qkv(seen["x"])  # (B, nh, T, hs) each, rotated at positions 0..T-1
     return manual_attention(q, k, v)[1]  # (B, nh, T, T)
-
-
-def with_passkeys(
-    batches: Iterable[tuple[Tensor, Tensor]],
-    *,
-    keys: Sequence[int],
-    marker: int,
-    recalls: int = 3,
-    seed: int = 0,
-) -> Iterator[tuple[Tensor, Tensor]]:
-    """Batches with a passkey in every row: a key id in the first half of the row, then
-    `recalls` times the marker followed by the same key, at random later places.
-
-    Args:
-        batches: yields (x, y), (B, T) each, y being x shifted by one (e.g. `Batches`).
-        keys: the ids a row's key is drawn from; marker: the id that asks for the key.
-        recalls: marker-key pairs per row; seed: seeds the placement.
-
-    Yields:
-        (x, y), (B, T) each, still shifted by one.
-    """
-    g = torch.Generator().manual_seed(seed)
-    keys = torch.as_tensor(keys)
-    for x, y in batches:
-        rows = torch.cat([x, y[:, -1:]], dim=1)  # (B, T + 1): the stretch of text of the batch
-        B, N = rows.shape
-        if N < 4 * recalls + 4:
-            raise ValueError(f"windows of {N - 1} tokens are too short for {recalls} recalls")
-        where = torch.randint(0, N // 2, (B, 1), generator=g)  # (B, 1): the key's position
-        key = keys[torch.randint(0, len(keys), (B, 1), generator=g)]  # (B, 1)
-        slots = where + 1 + 2 * torch.arange((N - 1) // 2)  # (B, S): marker places, 2 apart
-        score = torch.rand(slots.shape, generator=g).masked_fill(slots + 1 >= N, 2.0)
-        marks = slots.gather(1, score.argsort(dim=1)[:, :recalls])  # (B, recalls)
-        rows.scatter_(1, where.to(rows.device), key.to(rows.device))
-        rows.scatter_(1, marks.to(rows.device), marker)
-        rows.scatter_(1, (marks + 1).to(rows.device), key.expand_as(marks).to(rows.device))
-        yield rows[:, :-1], rows[:, 1:]
-
-
-def passkey_windows(
-    tokens: Tensor, *, context: int, n: int, keys: Sequence[int], marker: int, seed: int = 0
-) -> tuple[Tensor, Tensor]:
-    """n windows of `context` tokens of text, with a key at position 4 and the marker last.
-
-    Returns:
-        windows (n, context) and their keys (n,), int64 on the CPU.
-    """
-    if context < 6:
-        raise ValueError(f"context must be at least 6 tokens for a passkey, got {context}")
-    windows = _windows(tokens, context, n)[0].clone()  # (n, T)
-    g = torch.Generator().manual_seed(seed)
-    answer = torch.as_tensor(keys)[torch.randint(0, len(keys), (len(windows),), generator=g)]
-    windows[:, 4], windows[:, -1] = answer, marker  # the key is context - 5 tokens back
-    return windows, answer
-
-
-@torch.no_grad()
-def passkey_recall(
-    model: GPT, windows: Tensor, answer: Tensor, *, window: int | None = None
-) -> tuple[float, float]:
-    """How well a model recalls the key after the final marker of each window.
-
-    Args:
-        windows: (n, T) from `passkey_windows`; answer: (n,) their keys.
-        window: show the model only the last `window` tokens; None: all of them.
-
-    Returns:
-        The mean loss (nats) of predicting the key, and the share of windows where the key
-        is the model's most likely next token.
-    """
-    device = next(model.parameters()).device
-    x = windows if window is None else windows[:, -window:]  # (n, T')
-    was_training = model.training
-    model.eval()
-    logits = torch.cat([model(part.to(device), last_only=True)[0][:, -1] for part in x.split(16)])
-    model.train(was_training)
-    answer = answer.to(device)
-    loss = F.cross_entropy(logits.float(), answer).item()  # logits (n, V)
-    return loss, (logits.argmax(dim=-1) == answer).float().mean().item()
 
 
 def train_steps(
