@@ -35,7 +35,8 @@ _PRESETS = types.MappingProxyType(
     {
         # nanoGPT's "baby" Shakespeare run for a CPU: about 0.8M parameters.
         "shakespeare-char-cpu": dict(
-            model=dict(n_layer=4, n_head=4, n_embd=128, block_size=64, bias=False),
+            # The exact GELU: faster on CPUs than GPT-2's tanh one, and nanoGPT's (chapter 03).
+            model=dict(n_layer=4, n_head=4, n_embd=128, block_size=64, bias=False, gelu="exact"),
             batch_size=12,
             max_iters=2000,
             lr_decay_iters=2000,
@@ -43,7 +44,15 @@ _PRESETS = types.MappingProxyType(
         ),
         # nanoGPT's GPU recipe for the same text: 10.7M parameters, dropout against memorising.
         "shakespeare-char": dict(
-            model=dict(n_layer=6, n_head=6, n_embd=384, block_size=256, bias=False, dropout=0.2),
+            model=dict(
+                n_layer=6,
+                n_head=6,
+                n_embd=384,
+                block_size=256,
+                bias=False,
+                dropout=0.2,
+                gelu="exact",
+            ),
             batch_size=64,
             max_iters=5000,
             lr_decay_iters=5000,
