@@ -107,8 +107,8 @@ def test_solutions_are_committed_without_outputs(path):
     notebook = nbformat.read(path, as_version=4)
     for i, cell in enumerate(notebook.cells):
         if cell.cell_type == "code":
-            assert cell.outputs == [] and cell.execution_count is None, f"cell {i + 1}: make strip"
-    assert not strip_outputs.strip(str(path), check=True), "not normalised: run `make strip`"
+            assert cell.outputs == [] and cell.execution_count is None, f"cell {i + 1}: strip it"
+    assert not strip_outputs.strip(str(path), check=True), "run tools/strip_outputs.py on it"
 
 
 def test_solutions_are_in_the_table_of_contents_in_chapter_order():
