@@ -93,4 +93,4 @@ clean:
 	rm -rf _build $(SITE) .pytest_cache .ruff_cache
 
 strip: $(STAMP)
-	$(PY) tools/strip_outputs.py notebooks/*.ipynb
+	$(PY) tools/strip_outputs.py notebooks/*.ipynb notebooks/solutions/*.ipynb
