@@ -2,10 +2,13 @@
 
 Hand-written (not exported): speed targets live here, not in timed tests. For each shape, on the
 same random weights (Hugging Face's model, loaded into ours with `gpt2_book.pretrained`), batch 1,
-greedy, learned positions, this times four runs:
+greedy, learned positions, this times five runs:
 
-- ours, cached: `gpt2_book.generate.generate(model, prompt, max_new_tokens=N, temperature=0)`;
+- ours, cached: `gpt2_book.generate.generate(model, prompt, max_new_tokens=N, temperature=0)`
+  on a model prepared once with `decode_layout(model)` (weights stored (in, out) in memory, the
+  order of GPT-2's Conv1D; same values, chapter 09);
 - ours, uncached: the same with `use_cache=False` (the whole sequence again at every step);
+- ours, cached, plain layout: the same as the first without `decode_layout`, for reference;
 - Hugging Face, cached: `GPT2LMHeadModel.generate(use_cache=True, do_sample=False)`;
 - Hugging Face, uncached: the same with `use_cache=False`.
 
@@ -13,7 +16,7 @@ Both libraries score only the last position when recomputing, so "uncached" diff
 "cached" by the cache alone. All four run in one process on one thread, interleaved (A B C D A B
 C D ...) so that they see the same machine load, and are timed by process CPU time. The script
 prints the median tokens/s of each, and the medians of the per-round ratios: ours / Hugging Face
-(cached), and each library's cache speed-up over its own recomputation. It checks that all four
+(cached), and each library's cache speed-up over its own recomputation. It checks that all five
 produce the same tokens.
 
 Targets (issue 14): at GPT-2 small's shape, ours cached at least 1.05x Hugging Face's, and our
@@ -35,6 +38,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import tempfile
 import time
@@ -43,7 +47,7 @@ from dataclasses import dataclass
 
 import torch
 
-from gpt2_book.generate import generate
+from gpt2_book.generate import decode_layout, generate
 from gpt2_book.gpt import GPT
 from gpt2_book.pretrained import from_pretrained
 
@@ -102,7 +106,7 @@ def build_models(shape: Shape) -> tuple[GPT, GPT2LMHeadModel]:
     return ours, hf_model
 
 
-def runs_for(shape: Shape, ours: GPT, hf_model: GPT2LMHeadModel) -> dict[str, Callable]:
+def runs_for(shape: Shape, ours: GPT, plain: GPT, hf_model: GPT2LMHeadModel) -> dict[str, Callable]:
     prompt = torch.randint(
         0, shape.V, (1, shape.prompt), generator=torch.Generator().manual_seed(1)
     )
@@ -119,6 +123,9 @@ def runs_for(shape: Shape, ours: GPT, hf_model: GPT2LMHeadModel) -> dict[str, Ca
         "ours, uncached": lambda: generate(
             ours, prompt, max_new_tokens=n, temperature=0, use_cache=False
         ),
+        "ours, cached, plain layout": lambda: generate(
+            plain, prompt, max_new_tokens=n, temperature=0
+        ),
         "Hugging Face, cached": hf(True),
         "Hugging Face, uncached": hf(False),
     }
@@ -132,8 +139,9 @@ def cpu_seconds(fn: Callable[[], torch.Tensor]) -> float:
 
 
 def run(shape: Shape, quick: bool) -> bool:
-    ours, hf_model = build_models(shape)
-    runs = runs_for(shape, ours, hf_model)
+    plain, hf_model = build_models(shape)
+    ours = decode_layout(copy.deepcopy(plain))
+    runs = runs_for(shape, ours, plain, hf_model)
     with torch.no_grad():
         outputs = {name: fn() for name, fn in runs.items()}  # warm-up, and the parity check
     same = all(torch.equal(out, outputs["ours, cached"]) for out in outputs.values())
@@ -152,8 +160,10 @@ def run(shape: Shape, quick: bool) -> bool:
     print(f"\n{shape.name}: {shape.new} new tokens after {shape.prompt}, batch 1, greedy, "
           f"1 thread, {rounds} rounds")  # fmt: skip
     for name, s in seconds.items():
-        print(f"  {name:24s} {shape.new / statistics.median(s):9.1f} tokens/s")
-    print(f"  same tokens from all four: {same}")
+        print(f"  {name:28s} {shape.new / statistics.median(s):9.1f} tokens/s")
+    print(f"  same tokens from all five: {same}")
+    layout = ratio("ours, cached, plain layout", "ours, cached")
+    print(f"  decode_layout speed-up (cached):   {layout:5.2f}x")
     print(f"  ours / Hugging Face (cached):      {vs_hf:5.2f}x  (target >= {shape.target_hf})")
     print(f"  cache speed-up, ours:              {ours_up:5.2f}x")
     goal = "  (target: ours >= this)" if shape.target_speedup else ""

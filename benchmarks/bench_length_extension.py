@@ -83,7 +83,7 @@ class Settings:
     tune_steps: int = 200
     tune_tokens: int = 1024  # per step, in every fine-tuning arm (2 x 512 or 16 x 64)
     tune_warmup: int = 20
-    tune_lrs: tuple[float, ...] = (3e-4, 1e-3, 3e-3)
+    tune_lrs: tuple[float, ...] = (1e-3, 3e-3, 1e-2)
     eval_tokens: int = 4096  # characters of validation text per context
     probe_windows: int = 64
     seeds: tuple[int, ...] = (0, 1, 2)

@@ -14,6 +14,7 @@ from torch.testing import assert_close
 
 from gpt2_book.generate import (
     KVCache,
+    decode_layout,
     generate,
     kv_cache_bytes,
     new_kv_caches,
@@ -176,6 +177,23 @@ def test_matches_hugging_face_greedy_generation(seed, tmp_path):
         attention_mask=torch.ones_like(prompt),
     )  # fmt: skip
     assert torch.equal(generate(ours, prompt, max_new_tokens=40, temperature=0), ref)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_decode_layout_changes_strides_not_results(tiny_config, seed, mode):
+    model = _model(tiny_config, mode)
+    prompt = torch.randint(0, tiny_config.vocab_size, (2, 5))
+    before = generate(model, prompt, max_new_tokens=30, temperature=0)
+    logits = model(prompt)[0]
+    params = [p.detach().clone() for p in model.parameters()]
+    assert decode_layout(model) is model
+    weight = model.transformer.h[0].mlp.c_fc.weight
+    assert weight.shape == (4 * 48, 48) and weight.stride() == (1, 4 * 48)  # (in, out) in memory
+    assert model.lm_head.weight is model.transformer.wte.weight  # still tied
+    assert all(torch.equal(a, b) for a, b in zip(params, model.parameters(), strict=True))
+    assert_close(model(prompt)[0], logits, rtol=1e-5, atol=1e-5)
+    assert torch.equal(generate(model, prompt, max_new_tokens=30, temperature=0), before)
+    assert decode_layout(model).transformer.h[0].mlp.c_fc.weight.stride() == (1, 4 * 48)
 
 
 # --- sampling -----------------------------------------------------------------------------------
