@@ -185,10 +185,12 @@ def _load(source: str, device: str | None):
 def sample_command(args: argparse.Namespace) -> int:
     import torch
 
-    from gpt2_book.generate import generate
+    from gpt2_book.generate import decode_layout, generate
 
     model, tokenizer = _load(args.checkpoint, args.device)
     device = next(model.parameters()).device
+    if device.type == "cpu":  # measured faster for one-token steps on CPU only (chapter 09)
+        decode_layout(model)
     ids = tokenizer.encode(args.prompt)
     if not ids:
         raise ValueError("the prompt is empty: give at least one character")
