@@ -5,13 +5,14 @@
 The code of the chapter `notebooks/09_generation.ipynb`, which explains every line.
 """
 
+import contextlib
 import math
 from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor
 
-from gpt2_book.gpt import GPT, GPTConfig
+from gpt2_book.gpt import GPT, GPTConfig, _describe, _is, _is_ids
 
 __all__ = [
     "top_k_filter",
@@ -63,14 +64,37 @@ def top_p_filter(logits: Tensor, p: float) -> Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
-def _check_knobs(temperature: float, top_k: int | None, top_p: float | None) -> None:
-    """Raise a ValueError naming the sampling setting that is out of range."""
-    if not (0 <= temperature < math.inf):  # also refuses nan
-        raise ValueError(f"temperature must be finite and >= 0 (0 means argmax), got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}")
+def _check_knobs(
+    temperature: float, top_k: int | None, top_p: float | None, generator: torch.Generator | None
+) -> None:
+    """Raise a ValueError naming the sampling setting that is wrong and saying what to pass."""
+    if not (_is(temperature, int | float) and 0 <= temperature < math.inf):  # refuses nan too
+        raise ValueError(f"temperature must be finite and >= 0, got {_describe(temperature)}")
+    if top_k is not None and not (_is(top_k, int) and top_k >= 1):
+        raise ValueError(f"top_k must be an int >= 1 or None, got {_describe(top_k)}")
+    if top_p is not None and not (_is(top_p, int | float) and 0 < top_p <= 1):
+        raise ValueError(f"top_p must be a number in (0, 1] or None, got {_describe(top_p)}")
+    if not isinstance(generator, torch.Generator | None):
+        raise ValueError(f"generator must be a torch.Generator or None, got {_describe(generator)}")
+
+
+def _sample(
+    logits: Tensor,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    generator: torch.Generator | None,
+) -> Tensor:
+    """`sample_next` without the checks, for a loop that checked its knobs once, up front."""
+    if temperature < torch.finfo(torch.float32).tiny:
+        return logits.argmax(dim=-1)  # (B,)
+    logits = logits.float()  # (B, V)
+    # Shifting by the row's maximum changes no probability, and keeps z / tau from overflowing.
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature  # (B, V), max 0
+    logits = top_k_filter(logits, top_k) if top_k is not None else logits
+    logits = top_p_filter(logits, top_p) if top_p is not None else logits
+    probs = logits.softmax(dim=-1)  # (B, V), zero outside the survivors
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (B,)
 
 
 def sample_next(
@@ -94,18 +118,8 @@ def sample_next(
     Returns:
         (B,) int64 token ids.
     """
-    _check_knobs(temperature, top_k, top_p)
-    if temperature < torch.finfo(torch.float32).tiny:
-        return logits.argmax(dim=-1)  # (B,)
-    logits = logits.float()  # (B, V)
-    # Shifting by the row's maximum changes no probability, and keeps z / tau from overflowing.
-    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature  # (B, V), max 0
-    if top_k is not None:
-        logits = top_k_filter(logits, top_k)
-    if top_p is not None:
-        logits = top_p_filter(logits, top_p)
-    probs = logits.softmax(dim=-1)  # (B, V), zero outside the survivors
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (B,)
+    _check_knobs(temperature, top_k, top_p, generator)
+    return _sample(logits, temperature, top_k, top_p, generator)
 
 
 def kv_cache_bytes(
@@ -191,8 +205,7 @@ def _next_logits(model: GPT, seq: Tensor, L: int, *, T: int, window: int, caches
         x, start_pos = seq[:, L - 1 : L], L - 1  # (B, 1)
     else:  # prefill (fills the caches), or no cache: the whole sequence
         x, start_pos = seq[:, :L], 0  # (B, L)
-    # The ids were checked once, in the prompt, and the loop only appends sampled ids: skipping
-    # the model's own check saves a host-device sync per token.
+    # The prompt was checked in _start, sampled ids are valid: no host-device sync per token.
     logits = model(x, start_pos=start_pos, kv_caches=caches, last_only=True, check_ids=False)[0]
     return logits[:, -1]  # (B, V)
 
@@ -208,23 +221,21 @@ def _start(
     """Validate a request; return the buffer (B, T + max_new_tokens) holding the prompt, and T."""
     V, device = model.config.vocab_size, model.lm_head.weight.device
     if not isinstance(idx, Tensor):
-        lengths = sorted({len(row) for row in idx})
-        if len(lengths) > 1:
-            raise ValueError(
-                f"prompts of different lengths {lengths}: a batch shares one length, so that "
-                "every row's next token sits at the same position; generate them one at a time"
-            )
-        idx = torch.tensor([list(row) for row in idx], dtype=torch.long, device=device)
-    if idx.dim() != 2 or idx.numel() == 0:
-        raise ValueError(f"the prompt must be (B, T) ids with B, T >= 1, got {tuple(idx.shape)}")
-    low, high = torch.aminmax(idx)  # the one host-device sync of the request
+        with contextlib.suppress(TypeError, ValueError, RuntimeError):  # ragged, flat: below
+            idx = torch.tensor([list(row) for row in idx], device=device)  # dtype from the values
+    if not (_is_ids(idx) and idx.dim() == 2 and idx.numel() > 0):
+        raise ValueError(
+            "the prompt must be a (B, T) tensor of ids (torch.long or torch.int32), or B lists of "
+            f"T ints (all rows of one length T), with B, T >= 1, got {_describe(idx)}"
+        )
+    low, high = torch.stack(torch.aminmax(idx)).tolist()  # the one host-device sync of the request
     if low < 0 or high >= V:
-        raise ValueError(f"prompt ids must lie in [0, {V}), got {low.item()}..{high.item()}")
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if stop_token is not None and not 0 <= stop_token < V:
-        raise ValueError(f"stop_token must be in [0, {V}), got {stop_token}")
-    _check_knobs(knobs["temperature"], knobs["top_k"], knobs["top_p"])
+        raise ValueError(f"prompt ids must lie in [0, {V}) (vocab_size), got {low}..{high}")
+    if not (_is(max_new_tokens, int) and max_new_tokens >= 0):
+        raise ValueError(f"max_new_tokens must be an int >= 0, got {_describe(max_new_tokens)}")
+    if stop_token is not None and not (_is(stop_token, int) and 0 <= stop_token < V):
+        raise ValueError(f"stop_token must be an int in [0, {V}), got {_describe(stop_token)}")
+    _check_knobs(**knobs)
     B, T = idx.shape
     seq = torch.empty(B, T + max_new_tokens, dtype=torch.long, device=device)
     seq[:, :T] = idx
@@ -235,6 +246,8 @@ def _decode(
     model: GPT, seq: Tensor, T: int, *, use_cache: bool, stop_token: int | None, knobs: dict
 ) -> Iterator[Tensor]:
     """Fill seq[:, T:] token by token, yielding each new column (B,); stop when all rows stop."""
+    if not isinstance(use_cache, bool):  # "no" would be true, and use the cache
+        raise ValueError(f"use_cache must be True or False, got {_describe(use_cache)}")
     B, N = seq.shape
     # The most positions the model may see at once: all in RoPE mode, block_size when learned.
     window = N if model.rope is not None else min(N, model.config.block_size)
@@ -243,7 +256,7 @@ def _decode(
     for L in range(T, N):  # L tokens so far; choose token number L
         with torch.no_grad():  # not inference_mode: a RoPE table grown here must stay usable
             logits = _next_logits(model, seq, L, T=T, window=window, caches=caches)  # (B, V)
-            next_id = sample_next(logits, **knobs)  # (B,)
+            next_id = _sample(logits, **knobs)  # (B,), knobs checked in _start
             if stop_token is not None:
                 next_id = next_id.masked_fill(done, stop_token)  # finished rows: padding
                 done |= next_id == stop_token

@@ -8,6 +8,7 @@ The code of the chapter `notebooks/05_gpt.ipynb`, which explains every line.
 from __future__ import annotations
 
 import math
+import reprlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +22,23 @@ from gpt2_book.mlp import GELU_VARIANTS
 from gpt2_book.rope import RotaryEmbedding
 
 __all__ = ["GPTConfig", "GPT"]
+
+
+def _is(value: object, kind: type) -> bool:
+    """isinstance(value, kind), except that a bool is no number (Python makes it an int)."""
+    return isinstance(value, kind) and not isinstance(value, bool)
+
+
+def _describe(x: object) -> str:
+    """How an argument looks, for an error message: "a torch.float32 tensor of shape (2, 5)"."""
+    if isinstance(x, Tensor):
+        return f"a {x.dtype} tensor of shape {tuple(x.shape)}"
+    return f"{reprlib.repr(x)} ({type(x).__name__})"
+
+
+def _is_ids(x: object) -> bool:
+    """True for a tensor of the integer types nn.Embedding looks up: int64 and int32."""
+    return isinstance(x, Tensor) and x.dtype in (torch.int64, torch.int32)
 
 
 @dataclass
@@ -45,38 +63,51 @@ class GPTConfig:
     gelu: str = "tanh"  # "tanh": GPT-2's (OpenAI's weights need it); "exact": erf, faster on CPUs
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
+        self._check_types()
         if self.head_dim is None and self.n_embd % self.n_head:
             raise ValueError(
                 f"GPTConfig.n_embd={self.n_embd} is not divisible by n_head={self.n_head}: "
                 "choose n_embd divisible by n_head, or set head_dim explicitly"
-            )
-        if self.head_dim is not None and (not isinstance(self.head_dim, int) or self.head_dim < 1):
-            raise ValueError(
-                f"GPTConfig.head_dim must be a positive integer, got {self.head_dim!r}"
-            )
-        if self.pos_encoding not in ("rope", "learned"):
-            raise ValueError(
-                f"GPTConfig.pos_encoding must be 'rope' or 'learned', got {self.pos_encoding!r}"
             )
         if self.pos_encoding == "rope" and self.head_size % 2:
             raise ValueError(
                 f"GPTConfig.head_dim={self.head_size} is odd, but RoPE rotates pairs of channels: "
                 "use an even head_dim, or pos_encoding='learned'"
             )
-        if self.mlp_ratio <= 0:
-            raise ValueError(f"GPTConfig.mlp_ratio must be positive, got {self.mlp_ratio}")
+        if self.mlp_ratio * self.n_embd < 1:  # the MLP's hidden width is int(mlp_ratio * n_embd)
+            raise ValueError(
+                f"GPTConfig.mlp_ratio={self.mlp_ratio} leaves the MLP no hidden units: "
+                "choose mlp_ratio > 0 with mlp_ratio * n_embd >= 1 (GPT-2 uses 4)"
+            )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout}")
         if self.rope_base <= 1.0:
             raise ValueError(f"GPTConfig.rope_base must be greater than 1, got {self.rope_base}")
-        if self.gelu not in GELU_VARIANTS:
-            raise ValueError(
-                f"GPTConfig.gelu must be one of {', '.join(GELU_VARIANTS)}, got {self.gelu!r}"
-            )
+
+    def _check_types(self) -> None:
+        """Refuse a field of the wrong kind before any arithmetic, or torch, sees it."""
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "head_dim"):
+            value = getattr(self, name)
+            if not (_is(value, int) and value > 0 or name == "head_dim" and value is None):
+                what = "a positive int, or None" if name == "head_dim" else "a positive int"
+                raise ValueError(f"GPTConfig.{name} must be {what}, got {_describe(value)}")
+        for name in ("mlp_ratio", "dropout", "rope_base"):
+            value = getattr(self, name)
+            if not (_is(value, int | float) and -math.inf < value < math.inf):  # nan fails too
+                raise ValueError(
+                    f"GPTConfig.{name} must be a finite number, got {_describe(value)}"
+                )
+        if not isinstance(self.bias, bool):  # "no" would be true, and switch the biases on
+            raise ValueError(f"GPTConfig.bias must be True or False, got {_describe(self.bias)}")
+        for name, choices in (
+            ("pos_encoding", ("rope", "learned")),
+            ("gelu", tuple(GELU_VARIANTS)),
+        ):
+            if getattr(self, name) not in choices:
+                raise ValueError(
+                    f"GPTConfig.{name} must be one of {', '.join(map(repr, choices))}, "
+                    f"got {_describe(getattr(self, name))}"
+                )
 
     @property
     def head_size(self) -> int:
@@ -178,15 +209,15 @@ class GPT(nn.Module):
         """Next-token scores at every position, and their loss when targets are given.
 
         Args:
-            idx: token ids, (B, T) int64, each in [0, vocab_size).
+            idx: token ids, (B, T) int64 (or int32), each in [0, vocab_size); B, T >= 1.
             targets: the id that should come next at each position, (B, T): usually idx
                 shifted left by one. Positions marked -1 are left out of the loss.
-            start_pos: the position of idx[:, 0] in the whole sequence; nonzero only when
-                earlier tokens are in `kv_caches` (generation, chapter 09).
+            start_pos: the position of idx[:, 0] in the whole sequence, an int >= 0; nonzero
+                only when earlier tokens are in `kv_caches` (generation, chapter 09).
             kv_caches: one key-value cache per layer (chapter 09's `KVCache`), or None.
             last_only: score only the last position, logits (B, 1, V): all that generation
                 needs, and with a large vocabulary most of the cost of a long input.
-            check_ids: check that every id lies in [0, vocab_size). The check makes the host
+            check_ids: check that every id (and target) is in range. The check makes the host
                 wait for the device once per call; a caller whose ids are valid by
                 construction (the generation loop, after checking its prompt) turns it off.
 
@@ -194,7 +225,7 @@ class GPT(nn.Module):
             logits (B, T, V), and the mean cross-entropy over all positions (a scalar tensor),
             or None without targets.
         """
-        self._check_input(idx, start_pos, check_ids)
+        self._check_input(idx, targets, start_pos, kv_caches, check_ids)
         B, T = idx.shape
         x = self.transformer.wte(idx)  # (B, T, C)
         if self.rope is None:  # rows start_pos .. start_pos + T - 1 of the position table
@@ -209,12 +240,30 @@ class GPT(nn.Module):
         logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, V)
         if targets is None:
             return logits, None
-        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
+        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten().long(), ignore_index=-1)
         return logits, loss
 
-    def _check_input(self, idx: Tensor, start_pos: int, check_ids: bool) -> None:
-        if idx.dim() != 2:
-            raise ValueError(f"idx must hold token ids of shape (B, T), got {tuple(idx.shape)}")
+    def _check_input(
+        self,
+        idx: Tensor,
+        targets: Tensor | None,
+        start_pos: int,
+        kv_caches: list[KVCacheLike] | None,
+        check_ids: bool,
+    ) -> None:
+        """Raise a ValueError naming the argument that is wrong and saying what to pass."""
+        if not (_is_ids(idx) and idx.dim() == 2 and idx.numel() > 0):
+            raise ValueError(
+                "idx must be a (B, T) tensor of token ids, torch.long (or torch.int32), with "
+                f"B, T >= 1, got {_describe(idx)}"
+            )
+        if targets is not None and not (_is_ids(targets) and targets.shape == idx.shape):
+            raise ValueError(
+                f"targets must be a tensor of ids shaped like idx, {tuple(idx.shape)}, torch.long "
+                f"(or torch.int32), got {_describe(targets)}"
+            )
+        if not _is(start_pos, int) or start_pos < 0:
+            raise ValueError(f"start_pos must be an int >= 0, got {_describe(start_pos)}")
         end, block_size = start_pos + idx.shape[1], self.config.block_size
         if self.rope is None and end > block_size:
             raise ValueError(
@@ -222,14 +271,27 @@ class GPT(nn.Module):
                 f"positions: crop the input to its last {block_size} tokens, or use "
                 "pos_encoding='rope'"
             )
-        if not check_ids or torch.compiler.is_compiling() or idx.numel() == 0:
-            return  # a check that depends on the data would split a compiled graph
-        # One host-device sync per call: worth it, as a bad id on a GPU is an opaque assert.
-        low, high = torch.aminmax(idx)
-        if low < 0 or high >= self.config.vocab_size:
+        if kv_caches is not None and len(kv_caches) != self.config.n_layer:
             raise ValueError(
-                f"token ids must lie in [0, {self.config.vocab_size}) (vocab_size), "
-                f"got ids from {low.item()} to {high.item()}"
+                f"kv_caches must hold one cache per layer, n_layer={self.config.n_layer}, "
+                f"got {len(kv_caches)}"
+            )
+        if check_ids and not torch.compiler.is_compiling():  # data-dependent: splits a graph
+            self._check_ids(idx, targets)
+
+    def _check_ids(self, idx: Tensor, targets: Tensor | None) -> None:
+        """Ids in [0, V), and targets too, or -1 (left out of the loss): one host-device sync."""
+        # Worth it: a bad id on a GPU is an opaque device-side assert.
+        V, ids = self.config.vocab_size, (idx,) if targets is None else (idx, targets)
+        low, high, *target_range = torch.stack([m for t in ids for m in torch.aminmax(t)]).tolist()
+        if low < 0 or high >= V:
+            raise ValueError(
+                f"token ids must lie in [0, {V}) (vocab_size), got ids from {low} to {high}"
+            )
+        if target_range and not (-1 <= target_range[0] and target_range[1] < V):
+            raise ValueError(
+                f"targets must lie in [0, {V}) (vocab_size), or be -1 to leave a position out "
+                f"of the loss, got targets from {target_range[0]} to {target_range[1]}"
             )
 
     def num_params(self, non_embedding: bool = True) -> int:

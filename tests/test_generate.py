@@ -6,6 +6,7 @@ the sampling filters, and Hugging Face's greedy generation on the same weights.
 """
 
 import math
+import re
 from dataclasses import replace
 
 import pytest
@@ -342,21 +343,54 @@ def test_rope_table_grown_while_generating_still_trains(tiny_config, seed):
 # --- errors ------------------------------------------------------------------------------------
 
 
+# Chapter 05's rule: a wrong type or value is a ValueError that names the argument, shows it
+# and says what to pass. Issue 13 listed the cases that were TypeErrors from torch (top_k=2.5,
+# max_new_tokens=2.5 / "5" / None, generator="seed") or were accepted silently (a float prompt,
+# a bool for a count).
+_PROMPT = re.escape("the prompt must be a (B, T) tensor of ids (torch.long or torch.int32)")
+
+
+_BAD_REQUESTS = [
+    ([[1, 2, 70]], {}, r"prompt ids must lie in \[0, 65\)"),
+    ([[-1, 2]], {}, r"prompt ids must lie in \[0, 65\)"),
+    (torch.zeros(1, 0, dtype=torch.long), {}, _PROMPT),
+    ([[]], {}, _PROMPT),
+    ([[1, 2], [3]], {}, r"all rows of one length T.*got \[\[1, 2\], \[3\]\]"),
+    ([1, 2, 3], {}, _PROMPT + r".*got \[1, 2, 3\] \(list\)"),  # not a batch: [[1, 2, 3]]
+    ("hello", {}, _PROMPT),
+    (torch.tensor([[1.0, 2.0]]), {}, _PROMPT + r".*got a torch.float32 tensor"),
+    ([[1.5, 2.0]], {}, _PROMPT),  # used to be cast to ids 1 and 2 without a word
+    (torch.tensor([[True, False]]), {}, _PROMPT),
+    (torch.tensor([[1, 2]], dtype=torch.uint8), {}, _PROMPT),
+    ([[1, 2]], {"max_new_tokens": -1}, r"max_new_tokens must be an int >= 0, got -1 \(int\)"),
+    ([[1, 2]], {"max_new_tokens": 2.5}, r"max_new_tokens must be an int >= 0, got 2.5"),
+    ([[1, 2]], {"max_new_tokens": "5"}, r"max_new_tokens must be an int >= 0, got '5'"),
+    ([[1, 2]], {"max_new_tokens": None}, r"max_new_tokens must be an int >= 0, got None"),
+    ([[1, 2]], {"max_new_tokens": True}, r"max_new_tokens must be an int >= 0, got True"),
+    ([[1, 2]], {"top_p": 0.0}, r"top_p must be a number in \(0, 1\] or None"),
+    ([[1, 2]], {"top_p": 1.5}, r"top_p must be a number in \(0, 1\] or None"),
+    ([[1, 2]], {"top_p": math.nan}, r"top_p must be a number in \(0, 1\] or None"),
+    ([[1, 2]], {"top_p": "0.9"}, r"top_p must be a number in \(0, 1\] or None, got '0.9'"),
+    ([[1, 2]], {"top_k": 0}, "top_k must be an int >= 1 or None"),
+    ([[1, 2]], {"top_k": 2.5}, r"top_k must be an int >= 1 or None, got 2.5 \(float\)"),
+    ([[1, 2]], {"top_k": True}, r"top_k must be an int >= 1 or None, got True \(bool\)"),
+    ([[1, 2]], {"temperature": -0.5}, "temperature must be finite and >= 0"),
+    ([[1, 2]], {"temperature": math.inf}, "temperature must be finite and >= 0"),
+    ([[1, 2]], {"temperature": "1"}, "temperature must be finite and >= 0, got '1'"),
+    ([[1, 2]], {"temperature": None}, "temperature must be finite and >= 0, got None"),
+    ([[1, 2]], {"generator": "seed"}, "generator must be a torch.Generator or None"),
+    ([[1, 2]], {"stop_token": 65}, r"stop_token must be an int in \[0, 65\), got 65"),
+    ([[1, 2]], {"stop_token": 2.0}, r"stop_token must be an int in \[0, 65\), got 2.0"),
+    ([[1, 2]], {"stop_token": True}, r"stop_token must be an int in \[0, 65\), got True"),
+    ([[1, 2]], {"use_cache": "no"}, "use_cache must be True or False, got 'no'"),
+]
+
+
 @pytest.mark.parametrize(
     "prompt, kwargs, message",
-    [
-        ([[1, 2, 70]], {}, r"prompt ids must lie in \[0, 65\)"),
-        ([[-1, 2]], {}, r"prompt ids must lie in \[0, 65\)"),
-        (torch.zeros(1, 0, dtype=torch.long), {}, "B, T >= 1"),
-        ([[]], {}, "B, T >= 1"),
-        ([[1, 2], [3]], {}, "different lengths"),
-        ([[1, 2]], {"max_new_tokens": -1}, "max_new_tokens must be >= 0"),
-        ([[1, 2]], {"top_p": 0.0}, r"top_p must be in \(0, 1\]"),
-        ([[1, 2]], {"top_p": 1.5}, r"top_p must be in \(0, 1\]"),
-        ([[1, 2]], {"top_k": 0}, "top_k must be >= 1"),
-        ([[1, 2]], {"temperature": -0.5}, "temperature must be finite and >= 0"),
-        ([[1, 2]], {"temperature": math.inf}, "temperature must be finite and >= 0"),
-        ([[1, 2]], {"stop_token": 65}, "stop_token"),
+    _BAD_REQUESTS,
+    ids=[
+        f"{kwargs}" if kwargs else f"prompt={prompt!r:.30}" for prompt, kwargs, _ in _BAD_REQUESTS
     ],
 )
 def test_bad_requests_give_clear_errors(tiny_config, prompt, kwargs, message):
@@ -366,3 +400,26 @@ def test_bad_requests_give_clear_errors(tiny_config, prompt, kwargs, message):
         generate(model, prompt, **kwargs)
     with pytest.raises(ValueError, match=message):
         next(stream(model, prompt, **kwargs))
+
+
+@pytest.mark.parametrize(
+    "knobs, message",
+    [
+        ({"top_k": 2.5}, "top_k must be an int >= 1 or None"),
+        ({"top_p": True}, r"top_p must be a number in \(0, 1\] or None, got True"),
+        ({"temperature": True}, "temperature must be finite and >= 0, got True"),
+        ({"generator": "seed"}, "generator must be a torch.Generator or None, got 'seed'"),
+    ],
+)
+def test_sample_next_checks_its_knobs(knobs, message):
+    with pytest.raises(ValueError, match=message):
+        sample_next(torch.zeros(2, 5), **knobs)
+
+
+def test_knobs_are_checked_once_per_request_not_per_token(tiny_config, seed, monkeypatch):
+    import gpt2_book.generate as module
+
+    calls, real = [], module._check_knobs
+    monkeypatch.setattr(module, "_check_knobs", lambda *a, **k: calls.append(1) or real(*a, **k))
+    generate(_model(tiny_config, "rope"), [[1, 2]], max_new_tokens=10, top_k=5, top_p=0.9)
+    assert calls == [1]

@@ -7,6 +7,7 @@ with Hugging Face's GPT2LMHeadModel is in test_pretrained.py, which loads its we
 
 import copy
 import math
+import re
 from dataclasses import replace
 
 import pytest
@@ -262,6 +263,42 @@ def test_bad_config_names_the_field(overrides, field):
         GPTConfig.from_preset("tiny", **overrides)
 
 
+# Issue 13: a field of the wrong kind is a ValueError that names it, shows it and says what to
+# pass; before, these were accepted silently (a bool for an int, nan, "no" switching biases on)
+# or failed deep inside with a TypeError or a raw message.
+_BAD_SETTINGS = [
+    ({"n_layer": True}, "GPTConfig.n_layer must be a positive int, got True (bool)"),
+    ({"n_head": 3.0}, "GPTConfig.n_head must be a positive int, got 3.0 (float)"),
+    ({"vocab_size": "65"}, "GPTConfig.vocab_size must be a positive int, got '65' (str)"),
+    ({"head_dim": True}, "GPTConfig.head_dim must be a positive int, or None, got True"),
+    ({"rope_base": "x"}, "GPTConfig.rope_base must be a finite number, got 'x' (str)"),
+    ({"rope_base": math.nan}, "GPTConfig.rope_base must be a finite number, got nan"),
+    ({"rope_base": math.inf}, "GPTConfig.rope_base must be a finite number, got inf"),
+    ({"mlp_ratio": math.nan}, "GPTConfig.mlp_ratio must be a finite number, got nan"),
+    ({"mlp_ratio": True}, "GPTConfig.mlp_ratio must be a finite number, got True (bool)"),
+    ({"mlp_ratio": 0.01}, "mlp_ratio > 0 with mlp_ratio * n_embd >= 1"),  # 0 hidden units
+    ({"dropout": math.nan}, "GPTConfig.dropout must be a finite number, got nan"),
+    ({"dropout": "0.1"}, "GPTConfig.dropout must be a finite number, got '0.1' (str)"),
+    ({"bias": "no"}, "GPTConfig.bias must be True or False, got 'no' (str)"),
+    ({"bias": 1}, "GPTConfig.bias must be True or False, got 1 (int)"),
+    ({"pos_encoding": ["rope"]}, "GPTConfig.pos_encoding must be one of 'rope', 'learned'"),
+    ({"gelu": ["tanh"]}, "GPTConfig.gelu must be one of 'tanh', 'exact', got ['tanh']"),
+]
+
+
+@pytest.mark.parametrize(
+    "overrides, message", _BAD_SETTINGS, ids=[str(overrides) for overrides, _ in _BAD_SETTINGS]
+)
+def test_config_refuses_wrong_kinds_with_what_to_pass(overrides, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        GPTConfig.from_preset("tiny", **overrides)
+
+
+def test_config_takes_ints_for_float_fields():
+    config = GPTConfig.from_preset("tiny", mlp_ratio=4, dropout=0, rope_base=10000, bias=False)
+    assert GPT(config).num_params() > 0
+
+
 @pytest.mark.parametrize("gelu", ["tanh", "exact"])
 def test_gelu_setting_reaches_every_mlp(tiny_config, gelu):
     model = GPT(replace(tiny_config, gelu=gelu))
@@ -307,3 +344,66 @@ def test_check_ids_false_skips_only_the_id_check(tiny_config, seed, monkeypatch)
         model(torch.tensor([[1, 2, 65]]), check_ids=False)
     with pytest.raises(ValueError, match=r"\(B, T\)"):  # shape checks stay on
         model(torch.tensor([1, 2, 3]), check_ids=False)
+
+
+# Issue 13: what forward takes, refused with a ValueError that says what to pass (before: a
+# RuntimeError from the embedding or the reshape, an AttributeError, an IndexError).
+_BAD_IDS = {
+    "float": lambda ids: ids.float(),
+    "bool": lambda ids: ids.bool(),
+    "uint8": lambda ids: ids.to(torch.uint8),
+    "list": lambda ids: ids.tolist(),
+    "numpy": lambda ids: ids.numpy(),
+    "T=0": lambda ids: ids[:, :0],
+    "B=0": lambda ids: ids[:0],
+    "1-D": lambda ids: ids[0],
+}
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("check_ids", [True, False])
+@pytest.mark.parametrize("bad", list(_BAD_IDS), ids=str)
+def test_forward_refuses_ids_it_cannot_look_up(tiny_config, seed, mode, check_ids, bad):
+    model = GPT(replace(tiny_config, pos_encoding=mode))
+    idx = _BAD_IDS[bad](_random_ids(tiny_config))
+    with pytest.raises(ValueError, match=re.escape("idx must be a (B, T) tensor of token ids")):
+        model(idx, check_ids=check_ids)
+
+
+@pytest.mark.parametrize(
+    "make_targets, message",
+    [
+        (lambda ids: torch.full_like(ids, 65), r"targets must lie in \[0, 65\).*from 65 to 65"),
+        (lambda ids: torch.full_like(ids, -2), r"or be -1 to leave a position out"),
+        (lambda ids: ids.float(), "targets must be a tensor of ids shaped like idx, \\(2, 16\\)"),
+        (lambda ids: ids[:, :8], "targets must be a tensor of ids shaped like idx"),
+        (lambda ids: ids.tolist(), "targets must be a tensor of ids shaped like idx"),
+    ],
+    ids=["too large", "below -1", "float", "shape", "list"],
+)
+def test_forward_refuses_bad_targets(tiny_config, seed, make_targets, message):
+    model, ids = GPT(tiny_config), _random_ids(tiny_config)
+    with pytest.raises(ValueError, match=message):
+        model(ids, make_targets(ids))
+
+
+def test_int32_ids_and_targets_give_the_same_loss(tiny_config, seed):
+    model, ids, targets = GPT(tiny_config), _random_ids(tiny_config), _random_ids(tiny_config)
+    logits, loss = model(ids, targets)
+    logits32, loss32 = model(ids.int(), targets.int())
+    assert_close(logits32, logits, rtol=0, atol=0)
+    assert_close(loss32, loss, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mode", MODES)  # learned mode used to fail with an IndexError
+@pytest.mark.parametrize("start_pos", [-3, 1.5, True, "0", None])
+def test_start_pos_must_be_a_non_negative_int(tiny_config, seed, mode, start_pos):
+    model = GPT(replace(tiny_config, pos_encoding=mode))
+    with pytest.raises(ValueError, match="start_pos must be an int >= 0, got "):
+        model(_random_ids(tiny_config, T=3), start_pos=start_pos)
+
+
+def test_kv_caches_must_hold_one_cache_per_layer(tiny_config, seed):
+    model = GPT(tiny_config)
+    with pytest.raises(ValueError, match="one cache per layer, n_layer=3, got 2"):
+        model(_random_ids(tiny_config), kv_caches=[ListCache(), ListCache()])
