@@ -12,6 +12,10 @@ nanoGPT is not part of this repository: pass a checkout of https://github.com/ka
 
     python benchmarks/bench_baby_run.py --nanogpt ../nanoGPT --input path/to/input.txt
     python benchmarks/bench_baby_run.py --nanogpt ../nanoGPT --max-iters 200   # quick look
+    python benchmarks/bench_baby_run.py --nanogpt ../nanoGPT --pos-encoding learned
+
+The preset rotates queries and keys (RoPE) where nanoGPT adds learned positions; `--pos-encoding
+learned` trains nanoGPT's own model with our code, the like-for-like comparison of the two loops.
 
 Both use every core they are given (`--threads`, default 2, the machine this book is tested
 on); wall times on a busy machine swing, which is why CPU time is printed too.
@@ -24,6 +28,7 @@ import os
 import re
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -75,6 +80,7 @@ def main() -> None:
     parser.add_argument("--max-iters", type=int, default=2000)
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--pos-encoding", choices=["rope", "learned"], help="default: preset's")
     args = parser.parse_args()
     if not (args.nanogpt / "train.py").is_file():
         sys.exit(f"{args.nanogpt} is not a nanoGPT checkout (no train.py)")
@@ -117,16 +123,24 @@ def main() -> None:
                 cmd += ["--data", str(work / "ours-data"), "--out-dir", str(work / f"out-{r}")]
                 cmd += ["--max-iters", str(args.max_iters), "--lr-decay-iters", str(args.max_iters)]
                 cmd += ["--eval-interval", str(every)]
+                if args.pos_encoding:
+                    cmd += ["--pos-encoding", args.pos_encoding]
                 wall, cpu, text = _timed(cmd, ROOT, args.threads)
                 val = _last_val(text, r"val loss (\d+\.\d+)")
             runs[name].append((wall, cpu, val))
             print(f"{name:8s} run {r}: wall {wall:7.1f} s  cpu {cpu:7.1f} s  val loss {val:.4f}")
     best = {name: min(rows) for name, rows in runs.items()}  # the least disturbed run of each
     (w_n, c_n, v_n), (w_o, c_o, v_o) = best["nanoGPT"], best["ours"]
+    positions = args.pos_encoding or "the preset's"
+    # Runs r of the two programs ran back to back: their ratio cancels most of a load change.
+    pairs = sorted(o[1] / n[1] for o, n in zip(runs["ours"], runs["nanoGPT"], strict=True))
     print(
-        f"\nbest of {args.repeats}, {args.max_iters} steps, {args.threads} threads:\n"
+        f"\nbest of {args.repeats}, {args.max_iters} steps, {args.threads} threads, "
+        f"ours with {positions} positions:\n"
         f"  wall  ours {w_o:.1f} s / nanoGPT {w_n:.1f} s = {w_o / w_n:.3f}\n"
         f"  cpu   ours {c_o:.1f} s / nanoGPT {c_n:.1f} s = {c_o / c_n:.3f}\n"
+        f"  cpu, run by run: median {statistics.median(pairs):.3f} "
+        f"(from {pairs[0]:.3f} to {pairs[-1]:.3f})\n"
         f"  val   ours {v_o:.4f} / nanoGPT {v_n:.4f}"
     )
     shutil.rmtree(work, ignore_errors=True)

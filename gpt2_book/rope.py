@@ -75,5 +75,6 @@ class RotaryEmbedding(nn.Module):
         sin = self.sin[start_pos:end].to(x.dtype)  # (T, hs): [-sin, +sin]
         x1, x2 = x.chunk(2, dim=-1)  # (B, nh, T, hs/2) each
         swapped = torch.cat([x2, x1], dim=-1)  # (B, nh, T, hs): each pair's partner
-        # first half: x1 cos - x2 sin; second half: x2 cos + x1 sin (a 2-D rotation per pair)
-        return x * cos + swapped * sin  # (B, nh, T, hs)
+        # first half: x1 cos - x2 sin; second half: x2 cos + x1 sin (a 2-D rotation per pair).
+        # addcmul(a, b, c) is a + b * c: x * cos + swapped * sin with one pass fewer over x.
+        return torch.addcmul(x * cos, swapped, sin)  # (B, nh, T, hs)

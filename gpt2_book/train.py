@@ -310,6 +310,7 @@ def configure_optimizer(
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
     device_type = device_type or params[0].device.type
-    # One fused kernel for all parameters on CUDA; elsewhere, batched ("foreach") updates.
-    fast = {"fused": True} if device_type == "cuda" else {"foreach": True}
+    # One fused kernel updates every parameter in a single pass over its numbers (CUDA and
+    # CPUs); elsewhere, batched ("foreach") updates, one pass per arithmetic operation.
+    fast = {"fused": True} if device_type in ("cuda", "cpu") else {"foreach": True}
     return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **fast)

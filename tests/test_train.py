@@ -144,6 +144,28 @@ def test_optimizer_decays_matrices_only(nano):
         configure_optimizer(nano, 1e-3)  # keyword-only
 
 
+def test_fused_optimizer_updates_like_the_plain_for_loop(nano):
+    """configure_optimizer's fused CPU kernel against PyTorch's reference AdamW (one tensor at a
+    time, in Python): the same weights after a few steps with the same gradients."""
+    reference = GPT(nano.config)
+    reference.load_state_dict(nano.state_dict())
+    fused = configure_optimizer(nano, learning_rate=1e-2, weight_decay=0.1)
+    assert fused.defaults["fused"]  # the CPU gets the one-pass kernel
+    groups = [
+        {"params": [p for p in reference.parameters() if p.dim() >= 2], "weight_decay": 0.1},
+        {"params": [p for p in reference.parameters() if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    plain = torch.optim.AdamW(groups, lr=1e-2, betas=(0.9, 0.95), foreach=False)
+    for _ in range(3):
+        for p, q in zip(nano.parameters(), reference.parameters(), strict=True):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        fused.step()
+        plain.step()
+    for p, q in zip(nano.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)
+
+
 def test_accumulated_micro_batches_equal_one_big_batch(nano, data_dir):
     """k micro-batches of B windows, each loss divided by k, give the gradient of one batch of
     kB windows; with SGD at lr=1 the step is the gradient itself."""
