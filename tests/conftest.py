@@ -9,12 +9,20 @@
 
 Tests that take seconds rather than milliseconds are marked `@pytest.mark.slow`; `make quick`
 skips them, `make test` runs everything.
+
+A shell started in the background (`make test &`, `nohup`) hands its programs SIGINT ignored,
+and their children inherit that. The tests of Ctrl-C send SIGINT to a run and expect Python's
+usual handler, so the session restores it (children then start with the default again).
 """
 
+import signal
 from collections.abc import Iterator
 
 import pytest
 import torch
+
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(autouse=True)
