@@ -12,13 +12,15 @@ scratch folder and measures, side by side in one run, each method in a fresh pro
   a whole gigabyte would need gigabytes of memory for its list of ids);
 - tiktoken batch, all threads: `encode_ordinary_batch` over 1 MB chunks, a thread per core;
 - a process pool, as build-nanogpt's fineweb.py does it: 1 MB chunks to one process per core;
-- `prepare_corpus` with every core (threads), and with one: the whole job, reading, hashing,
-  splitting and writing train.bin / val.bin included;
+- `prepare_corpus` with every core (one worker process per core), and in one process: the whole
+  job, reading, hashing, splitting and writing train.bin / val.bin included;
 
-and then the peak memory (resident set, of the process and of its children) of `prepare_corpus`
-for the --memory sizes, 100 MB and 1 GB by default. It prints tokens per second, the ratio to
-tiktoken's one-thread speed, the machine's cores and its load before and after, since other
-programs on the machine slow every number down.
+and then the peak memory of `prepare_corpus` for the --memory sizes, 100 MB and 1 GB by default:
+the largest sum, over the process and its workers, of their proportional set size (PSS: each
+page shared by n processes counts 1/n to each, so pages that fork shares count once), sampled
+every 20 ms from /proc on Linux; elsewhere, the process's own peak resident set. It prints
+tokens per second, the ratio to tiktoken's one-thread speed, the machine's cores and its load
+before and after, since other programs on the machine slow every number down.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -119,14 +122,55 @@ def run_method(method: str, path: Path, workers: int, out: Path) -> dict:
     return {"seconds": seconds, "cpu": cpu, "tokens": tokens, "rss_mb": own, "child_rss_mb": child}
 
 
+def _tree(pid: int) -> list[int]:
+    """pid and all its descendants (Linux's /proc)."""
+    found, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        found.append(p)
+        for task in Path(f"/proc/{p}/task").glob("*/children"):
+            try:
+                todo += [int(c) for c in task.read_text().split()]
+            except OSError:  # the task ended meanwhile
+                pass
+    return found
+
+
+def _pss_mb(pids: list[int]) -> float:
+    """The summed proportional set size of `pids`, in MB."""
+    total = 0
+    for p in pids:
+        try:
+            for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1])  # kB
+        except OSError:  # the process ended meanwhile
+            pass
+    return total / 1024
+
+
 def _in_child(method: str, path: Path, workers: int, out: Path) -> dict:
     cmd = [sys.executable, __file__, "--child", method, "--input", str(path)]
     cmd += ["--workers", str(workers), "--out", str(out)]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
-    if done.returncode:
-        raise SystemExit(f"{method} failed:\n{done.stderr}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    pipe = subprocess.PIPE
+    child = subprocess.Popen(cmd, stdout=pipe, stderr=pipe, text=True, env=env)
+    peak = [0.0]
+
+    def sample() -> None:  # the whole tree's memory, while the child runs
+        while child.poll() is None:
+            peak[0] = max(peak[0], _pss_mb(_tree(child.pid)))
+            time.sleep(0.02)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    if Path("/proc/self/smaps_rollup").exists():
+        sampler.start()
+    stdout, stderr = child.communicate()
+    if child.returncode:
+        raise SystemExit(f"{method} failed:\n{stderr}")
+    if sampler.is_alive():
+        sampler.join()
+    return json.loads(stdout.strip().splitlines()[-1]) | {"pss_mb": peak[0]}
 
 
 def make_corpus(path: Path, megabytes: int) -> Path:
@@ -176,8 +220,11 @@ def main() -> None:
         path = make_corpus(scratch / f"corpus_{size}mb.txt", size)
         r = _in_child("prepare_corpus, all cores", path, args.workers, scratch / f"out_{size}")
         print(
-            f"  {path.stat().st_size / 1e6:6,.0f} MB of text: {r['rss_mb']:5.0f} MB "
-            f"({r['seconds']:.0f} s, {r['cpu']:.0f} CPU s, {r['tokens']:,} tokens)",
+            f"  {path.stat().st_size / 1e6:6,.0f} MB of text: "
+            f"{r['pss_mb'] or float('nan'):5.0f} MB "
+            f"PSS, all processes ({r['rss_mb']:.0f} MB resident in the main one, "
+            f"{r['child_rss_mb']:.0f} in the largest worker; {r['seconds']:.0f} s, "
+            f"{r['cpu']:.0f} CPU s, {r['tokens']:,} tokens)",
             flush=True,
         )
     print(f"\n{_load()}")
@@ -198,7 +245,7 @@ def throughput(scratch: Path, size: int, workers: int, repeat: int) -> None:
         ("tiktoken batch, all threads", workers),
         ("process pool, all cores", workers),
         ("prepare_corpus, all cores", workers),
-        ("prepare_corpus, one thread", 1),
+        ("prepare_corpus, one process", 1),
     ]
     results = {}
     for _ in range(repeat - 1):
@@ -208,7 +255,7 @@ def throughput(scratch: Path, size: int, workers: int, repeat: int) -> None:
                 results[method] = r
     print(
         f"{'method':30} {'seconds':>8} {'MB/s':>7} {'Mtok/s':>7} {'x tiktoken':>10} "
-        f"{'CPU s':>7} {'MB/CPU s':>8} {'peak MB':>8}"
+        f"{'CPU s':>7} {'MB/CPU s':>8} {'peak MB':>8} {'PSS MB':>7}"
     )
     for method, n in methods:
         r = _in_child(method, corpus, n, scratch / "out")
@@ -220,13 +267,15 @@ def throughput(scratch: Path, size: int, workers: int, repeat: int) -> None:
         print(
             f"{method:30} {r['seconds']:8.1f} {megabytes / r['seconds']:7.1f} "
             f"{r['tokens'] / r['seconds'] / 1e6:7.2f} {ratio:10.2f} {r['cpu']:7.1f} "
-            f"{megabytes / r['cpu']:8.1f} {peak:>8}",
+            f"{megabytes / r['cpu']:8.1f} {peak:>8} {r['pss_mb'] or float('nan'):7.0f}",
             flush=True,
         )
     print(
         "(CPU s: processor time used, all threads and processes; MB/CPU s: text per second of\n"
         " one core's time, which other programs on the machine change less than the wall time;\n"
-        " peak MB: the process's own peak resident memory, +the largest child's)\n"
+        " peak MB: the process's own peak resident memory, +the largest child's, which counts\n"
+        " the pages fork shares with the parent again; PSS MB: the whole tree's peak, shared\n"
+        " pages counted once; nan where /proc has no smaps_rollup)\n"
     )
 
 

@@ -137,7 +137,7 @@ def _parser() -> argparse.ArgumentParser:
         help="longest context to be trained on; checks the text is long enough",
     )
     prep.add_argument(
-        "--workers", type=_positive(int), help="threads that tokenize (default: every core)"
+        "--workers", type=_positive(int), help="processes that tokenize (default: every core)"
     )
     prep.add_argument(
         "--progress",

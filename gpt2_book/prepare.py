@@ -9,9 +9,6 @@ import functools
 import hashlib
 import json
 import os
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -28,6 +25,7 @@ from gpt2_book.data import (
     GPT2Tokenizer,
     read_meta,
 )
+from gpt2_book.workers import cpu_count, ordered_map
 
 __all__ = ["PrepareConfig", "prepare_corpus", "verify"]
 
@@ -66,39 +64,9 @@ def _encode(unit: Unit, *, chars: str | None, special: bool) -> np.ndarray:
     return np.concatenate(parts).astype(np.uint16)
 
 
-def _ordered_map(fn: Callable, tasks: Iterable, *, workers: int) -> Iterator[tuple]:
-    """(task, fn(task)) for every task, in order, computed by `workers` threads.
-
-    At most 2 * workers tasks are in flight, so memory stays bounded however many there are
-    (`Executor.map` would submit them all first). The threads run in parallel because tiktoken
-    and NumPy release Python's global interpreter lock while they compute.
-    """
-    with ThreadPoolExecutor(workers) as pool:
-        pending = deque()
-        try:
-            for task in tasks:
-                pending.append((task, pool.submit(fn, task)))
-                if len(pending) > 2 * workers:
-                    task, future = pending.popleft()
-                    yield task, future.result()
-            while pending:
-                task, future = pending.popleft()
-                yield task, future.result()
-        finally:  # stopped early (max_tokens, an error, Ctrl-C): drop the work not started
-            for _, future in pending:
-                future.cancel()
-
-
 def _chars_in(unit: Unit) -> set[int]:
     """The distinct code points of a unit's text."""
     return set(np.flatnonzero(np.bincount(_codes("".join(t for _, t in unit[1])))).tolist())
-
-
-def _cpu_count() -> int:
-    """The cores this process may run on (fewer than the machine has, under a CPU limit)."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
 
 
 @dataclass(frozen=True)
@@ -112,7 +80,7 @@ class PrepareConfig:
         val_docs: if set, the first `val_docs` documents are the validation split instead.
         max_tokens: stop after this many tokens (to try things out on part of a corpus).
         block_size: the longest window training will ask for; each split must be longer.
-        workers: threads that tokenize; None for every core this process may use.
+        workers: processes that tokenize; None for every core this process may use.
         unit_chars: characters per work unit.
     """
 
@@ -146,7 +114,7 @@ def _vocabulary(corpus: Corpus, config: PrepareConfig) -> str:
     units = work_units(corpus.documents(), val_docs=0, unit_chars=config.unit_chars)
     units = clip_units(units, config.max_tokens)  # one character is one token
     found = set()
-    for _, codes in _ordered_map(_chars_in, units, workers=config.workers or _cpu_count()):
+    for _, codes in ordered_map(_chars_in, units, workers=config.workers or cpu_count()):
         found |= codes
     if len(found) > 2**16:
         raise ValueError(
@@ -168,8 +136,8 @@ def _write_tokens(
     if chars is not None:  # not a character more than the first pass saw
         units = clip_units(units, limit)
     encode = functools.partial(_encode, chars=chars, special=corpus.special)
-    for (split, pieces, docs), ids in _ordered_map(
-        encode, units, workers=config.workers or _cpu_count()
+    for (split, pieces, docs), ids in ordered_map(
+        encode, units, workers=config.workers or cpu_count()
     ):
         ids = ids if limit is None else ids[: limit - total]
         files[split].write(ids.tobytes())

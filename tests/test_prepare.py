@@ -380,7 +380,20 @@ def test_a_crash_while_publishing_never_looks_complete(tmp_path, text, monkeypat
 def _cli(*args: str, cwd: Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "gpt2_book", "prepare", *args]
-    return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return subprocess.Popen(
+        cmd,
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,  # its own process group, as a terminal gives a command
+    )
+
+
+def _children(pid: int) -> list[int]:
+    return [
+        int(c) for f in Path(f"/proc/{pid}/task").glob("*/children") for c in f.read_text().split()
+    ]
 
 
 def _wait_for_temp_file(folder: Path, proc: subprocess.Popen, size: int) -> None:
@@ -394,24 +407,34 @@ def _wait_for_temp_file(folder: Path, proc: subprocess.Popen, size: int) -> None
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("workers", [1, 2])
 @pytest.mark.parametrize("how", ["kill -9", "ctrl-c"])
 def test_an_interrupted_command_never_leaves_a_dataset_train_accepts(
-    tmp_path, text, how, monkeypatch
+    tmp_path, text, how, workers, monkeypatch
 ):
     monkeypatch.chdir(tmp_path)
-    Path("big.txt").write_text(text * 150)  # 9 MB: seconds of work on one thread
+    Path("big.txt").write_text(text * 150)  # 9 MB: seconds of work on one core
     Path("small.txt").write_text(text)
-    config = PrepareConfig(block_size=8, workers=1)
+    config = PrepareConfig(block_size=8, workers=workers)
     before = prepare_corpus("small.txt", "d", config, progress=False)
-    args = ["--tokenizer", "gpt2", "--block-size", "8", "--workers", "1", "--out-dir", "d"]
-    run = _cli("--input", "big.txt", *args, cwd=tmp_path)
+    args = ["--tokenizer", "gpt2", "--block-size", "8", "--workers", str(workers)]
+    run = _cli("--input", "big.txt", *args, "--out-dir", "d", cwd=tmp_path)
     _wait_for_temp_file(tmp_path / "d", run, 100_000)
-    run.send_signal(signal.SIGKILL if how == "kill -9" else signal.SIGINT)
+    pool = _children(run.pid) if sys.platform == "linux" else []
+    assert len(pool) == (workers if workers > 1 else 0) or sys.platform != "linux"
+    if how == "kill -9":
+        run.send_signal(signal.SIGKILL)  # the main process only: its workers must notice
+    else:
+        os.killpg(run.pid, signal.SIGINT)  # Ctrl-C reaches every process of the group
     code = run.wait(60)
     stderr = run.stderr.read().decode()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(Path(f"/proc/{c}").exists() for c in pool):
+        time.sleep(0.1)
+    assert not [c for c in pool if Path(f"/proc/{c}").exists()], "workers outlived prepare"
     assert verify("d") == before  # the old dataset, whole
     temps = list(Path("d").glob(".*.tmp"))
-    if how == "ctrl-c":
+    if how == "ctrl-c":  # one message, from the main process; no worker's traceback
         assert code == 130 and "interrupted" in stderr and "Traceback" not in stderr
         assert not temps
     else:
