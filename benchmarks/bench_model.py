@@ -12,6 +12,11 @@ looking for. We print the median of the per-pair ratios;
 pairs alternate their order (A B, B A, ...) so that neither model always runs first, and their
 quartiles, the spread that says how much to trust it.
 
+Our step calls the model as our training loop does, `model(x, y, return_logits=False)`: the
+cross-entropy fused with the read-out, which never holds all B x T x V logits (chapter 05).
+Hugging Face's step computes the logits and then the cross-entropy, as its own loss does (its
+Trainer can swap in Liger Kernel's fused loss, a Triton kernel for GPUs only).
+
 Each shape and position mode runs twice: with GPT-2's tanh GELU in both models (ours
 `gelu="tanh"`, Hugging Face's default `gelu_new`, its hand-written formula), and with the exact
 GELU in both (ours `gelu="exact"`, Hugging Face's `activation_function="gelu"`), the like-for-like
@@ -125,9 +130,9 @@ def step_fn(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, ours: bool
 
     def step() -> float:
         t0 = time.process_time()
-        if ours:
-            _, loss = model(x, y)
-        else:
+        if ours:  # as our training loop calls it: the loss alone, fused (chapter 05)
+            _, loss = model(x, y, return_logits=False)
+        else:  # as Hugging Face's loss works: all the logits, then the cross-entropy
             logits = model(input_ids=x, use_cache=False).logits  # (B, T, V)
             loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
         opt.zero_grad(set_to_none=True)

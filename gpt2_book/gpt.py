@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from gpt2_book.attention import KVCacheLike
 from gpt2_book.block import Block
+from gpt2_book.loss import linear_cross_entropy
 from gpt2_book.mlp import GELU_VARIANTS
 from gpt2_book.rope import RotaryEmbedding
 
@@ -205,7 +206,8 @@ class GPT(nn.Module):
         kv_caches: list[KVCacheLike] | None = None,
         last_only: bool = False,
         check_ids: bool = True,
-    ) -> tuple[Tensor, Tensor | None]:
+        return_logits: bool = True,
+    ) -> tuple[Tensor | None, Tensor | None]:
         """Next-token scores at every position, and their loss when targets are given.
 
         Args:
@@ -220,10 +222,13 @@ class GPT(nn.Module):
             check_ids: check that every id (and target) is in range. The check makes the host
                 wait for the device once per call; a caller whose ids are valid by
                 construction (the generation loop, after checking its prompt) turns it off.
+            return_logits: False (with targets): compute the loss with `linear_cross_entropy`,
+                which never holds all B * T * V logits, and return None for them. Training
+                does this; it only needs the loss.
 
         Returns:
-            logits (B, T, V), and the mean cross-entropy over all positions (a scalar tensor),
-            or None without targets.
+            logits (B, T, V) (or None, see return_logits), and the mean cross-entropy over all
+            positions (a scalar tensor), or None without targets.
         """
         self._check_input(idx, targets, start_pos, kv_caches, check_ids)
         B, T = idx.shape
@@ -237,7 +242,12 @@ class GPT(nn.Module):
             x = block(x, start_pos=start_pos, kv_cache=kv_cache)  # (B, T, C)
         if last_only:
             x = x[:, -1:]  # (B, 1, C)
-        logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, V)
+        x = self.transformer.ln_f(x)  # (B, T, C)
+        if targets is not None and not return_logits:  # the same loss, in less time and memory
+            return None, linear_cross_entropy(
+                x.flatten(0, 1), self.lm_head.weight, targets.flatten()
+            )
+        logits = self.lm_head(x)  # (B, T, V)
         if targets is None:
             return logits, None
         loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten().long(), ignore_index=-1)

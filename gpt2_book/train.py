@@ -233,7 +233,7 @@ def estimate_loss(
     losses = []
     for x, y in batches:
         with autocast():
-            _, loss = model(x, y)
+            _, loss = model(x, y, return_logits=False)  # the loss alone (chapter 05)
         losses.append(loss.float())
     model.train(was_training)
     return torch.stack(losses).mean().item()
@@ -273,7 +273,7 @@ def train_step(
     loss_sum = 0.0
     for _ in range(accum_steps):
         x, y = next(batches)  # (B, T) each
-        _, loss = model(x, y)
+        _, loss = model(x, y, return_logits=False)  # no (B, T, V) logits: chapter 05
         (loss / accum_steps).backward()  # .grad adds up: the mean gradient of all micro-batches
         loss_sum += loss.item()
     max_norm = grad_clip if grad_clip > 0 else math.inf

@@ -113,7 +113,7 @@ def _step(run: Run, lr: float) -> tuple[float, bool]:
         x, y = next(run.batches)  # (B, T) each
         with no_sync(run.forward, skip=micro < accum - 1):  # average over processes once
             with run.autocast():
-                _, loss = run.forward(x, y)
+                _, loss = run.forward(x, y, return_logits=False)
             run.scaler.scale(loss / accum).backward()  # float16: scaled against underflow
         loss_sum += loss.detach().float()
     stop = torch.tensor(float(run.stop.signal or 0), device=loss_sum.device)
