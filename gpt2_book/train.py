@@ -226,6 +226,7 @@ def estimate_loss(
 ) -> float:
     """Mean loss of `model` over fixed (x, y) batches of shape (B, T), in eval mode.
 
+    `model(x, y, return_logits=False)` must return (anything, the mean loss), as `GPT` does.
     `autocast` makes the context each forward pass runs in (mixed precision, chapter 08).
     """
     was_training = model.training
@@ -263,6 +264,8 @@ def train_step(
     grad_clip: float = 1.0,
 ) -> tuple[float, float]:
     """One optimizer step at learning rate `lr` on `accum_steps` micro-batches from `batches`.
+
+    `model(x, y, return_logits=False)` must return (anything, the mean loss), as `GPT` does.
 
     Returns:
         The mean loss of the micro-batches, and the gradient's norm before clipping (`grad_clip`
