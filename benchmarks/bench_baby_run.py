@@ -5,7 +5,9 @@ for 2,000 steps on a CPU (dropout 0, evaluation every 250 steps on 20 batches). 
 `shakespeare-char-cpu` is the same run. This script prepares the same text for both (nanoGPT's
 own `data/shakespeare_char/prepare.py`, our `prepare`), then runs the two trainings one after
 the other, `--repeats` times, alternating which goes first, and prints each run's wall time,
-the CPU time of its process, and its final validation loss, with the ratios ours / nanoGPT.
+the CPU time of its process, and its final validation loss, with the ratios ours / nanoGPT;
+and, run by run, the first evaluation at which our validation loss is at or below nanoGPT's
+final one (the same comparison asked the other way: how many steps does ours need).
 
 nanoGPT is not part of this repository: pass a checkout of https://github.com/karpathy/nanoGPT
 (`git clone https://github.com/karpathy/nanoGPT`), which this script runs unchanged.
@@ -24,6 +26,7 @@ on); wall times on a busy machine swing, which is why CPU time is printed too.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import resource
@@ -110,6 +113,7 @@ def main() -> None:
     every = 250 if args.max_iters % 250 == 0 else args.max_iters
     iters.append(f"--eval_interval={every}")
     runs = {"nanoGPT": [], "ours": []}
+    curves = {"nanoGPT": [], "ours": []}  # (step, val loss) at every evaluation
     for r in range(args.repeats):
         order = ["nanoGPT", "ours"] if r % 2 == 0 else ["ours", "nanoGPT"]
         for name in order:
@@ -127,6 +131,15 @@ def main() -> None:
                     cmd += ["--pos-encoding", args.pos_encoding]
                 wall, cpu, text = _timed(cmd, ROOT, args.threads)
                 val = _last_val(text, r"val loss (\d+\.\d+)")
+            if name == "nanoGPT":
+                curve = [
+                    (int(i), float(v))
+                    for i, v in re.findall(r"step (\d+):.*val loss (\d+\.\d+)", text)
+                ]
+            else:
+                rows = (work / f"out-{r}" / "metrics.jsonl").read_text().splitlines()
+                curve = [(row["iter"], row["val_loss"]) for row in map(json.loads, rows)]
+            curves[name].append(curve)
             runs[name].append((wall, cpu, val))
             print(f"{name:8s} run {r}: wall {wall:7.1f} s  cpu {cpu:7.1f} s  val loss {val:.4f}")
     best = {name: min(rows) for name, rows in runs.items()}  # the least disturbed run of each
@@ -143,6 +156,21 @@ def main() -> None:
         f"(from {pairs[0]:.3f} to {pairs[-1]:.3f})\n"
         f"  val   ours {v_o:.4f} / nanoGPT {v_n:.4f}"
     )
+    # The same question the other way round: when does ours first reach nanoGPT's final loss?
+    for r, (ours_curve, nano_curve) in enumerate(
+        zip(curves["ours"], curves["nanoGPT"], strict=True)
+    ):
+        goal = nano_curve[-1][1]
+        reached = next((step for step, val in ours_curve if val <= goal), None)
+        print(
+            f"  run {r}: nanoGPT's final val loss {goal:.4f} (step {nano_curve[-1][0]}); "
+            + (
+                f"ours first at or below it at step {reached}"
+                if reached is not None
+                else "ours never at or below it"
+            )
+            + f" (evaluations every {every} steps)"
+        )
     shutil.rmtree(work, ignore_errors=True)
 
 
