@@ -25,7 +25,8 @@ def _loss_and_grads(
     n = valid.sum().float()  # a tensor: no host-device sync
     targets = targets.clamp(min=0)  # any real id for left-out rows; their terms are masked
     grad_h = torch.empty_like(h) if want_h else None  # (N, C)
-    grad_w = torch.zeros_like(weight) if want_w else None  # (V, C)
+    # (V, C), summed over the chunks in float32 even for a bfloat16 weight: many small additions
+    grad_w = torch.zeros_like(weight, dtype=torch.float32) if want_w else None
     total = torch.zeros((), dtype=torch.float32, device=h.device)
     for start in range(0, h.shape[0], chunk_rows):
         rows = slice(start, start + chunk_rows)
@@ -42,7 +43,8 @@ def _loss_and_grads(
             if want_h:
                 grad_h[rows] = grad @ weight  # (c, C)
             if want_w:
-                grad_w.addmm_(grad.T, hc)  # (V, C) += (V, c) @ (c, C)
+                grad_w.addmm_(grad.T.float(), hc.float())  # (V, C) += (V, c) @ (c, C)
+    grad_w = None if grad_w is None else grad_w.to(weight.dtype)
     return total / n, grad_h, grad_w
 
 

@@ -116,3 +116,12 @@ def test_gpt_forward_under_cpu_autocast():
     torch.testing.assert_close(fused, plain.float(), rtol=2e-2, atol=2e-2)
     fused.backward()
     assert all(p.grad is not None and p.grad.isfinite().all() for p in model.parameters())
+
+
+def test_a_bfloat16_weights_gradient_is_summed_in_float32():
+    # 512 chunks of one row: summed in bfloat16, the rounding of every addition would pile up
+    h, weight, targets = _inputs(N=512, C=8, V=37, dtype=torch.bfloat16)
+    linear_cross_entropy(h, weight, targets, chunk_rows=1).backward()
+    _, _, ref_w = _reference(h, weight, targets)  # float32 throughout
+    assert weight.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(weight.grad.float(), ref_w, rtol=2e-2, atol=2e-4)
