@@ -3,6 +3,8 @@
 import math
 import multiprocessing
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -61,9 +63,14 @@ def test_several_workers_run_in_other_processes():
     assert os.getpid() not in pids and 1 <= len(pids) <= 2
 
 
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="Linux: CPU affinity")
 def test_cpu_count_is_what_this_process_may_use():
-    expected = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
-    assert cpu_count() == (expected or os.cpu_count())
+    # A process limited to one core (as taskset or a container's CPU set does) counts one.
+    code = "import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "
+    code += "from gpt2_book.workers import cpu_count; print(cpu_count())"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "1"
+    assert cpu_count() == len(os.sched_getaffinity(0))
 
 
 def _pid(_: object) -> int:
