@@ -23,6 +23,7 @@ def _loss_and_grads(
     """The mean loss, and the gradients of h and weight wanted, one chunk of rows at a time."""
     valid = targets != -1  # (N,): positions that count
     n = valid.sum().float()  # a tensor: no host-device sync
+    log_n, minus_inv_n = n.log(), -1 / n  # used by every chunk: computed once
     targets = targets.clamp(min=0)  # any real id for left-out rows; their terms are masked
     grad_h = torch.empty_like(h) if want_h else None  # (N, C)
     # (V, C), summed over the chunks in float32 even for a bfloat16 weight: many small additions
@@ -36,9 +37,9 @@ def _loss_and_grads(
         total += torch.where(vc, lse - scores.gather(1, tc).squeeze(1), 0.0).sum()
         if want_h or want_w:
             # G = (softmax - one-hot) / n, in place over the scores; left-out rows: exp(-inf)
-            shift = torch.where(vc, lse + n.log(), math.inf)  # (c,)
+            shift = torch.where(vc, lse + log_n, math.inf)  # (c,)
             grad = scores.sub_(shift[:, None]).exp_()  # (c, V): softmax / n
-            grad.scatter_add_(1, tc, torch.where(vc, -1 / n, 0.0)[:, None])  # - one-hot / n
+            grad.scatter_add_(1, tc, torch.where(vc, minus_inv_n, 0.0)[:, None])  # - one-hot / n
             grad = grad.to(h.dtype)
             if want_h:
                 grad_h[rows] = grad @ weight  # (c, C)
